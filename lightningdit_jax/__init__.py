@@ -1,0 +1,3 @@
+"""LightningDiT diffusion transformer in JAX / Flax NNX."""
+
+from vavae_jax.runtime import sharding as _sharding  # noqa: F401  (switches eager sharding off)

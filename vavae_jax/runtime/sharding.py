@@ -1,0 +1,140 @@
+"""One mesh factory and logical-axis sharding for every model in the project.
+
+Models annotate each weight with *logical* axis names (see `LOGICAL_AXES`); configs map them to
+the mesh axes `data` and `fsdp` through rules. Parameters are never materialised on one device:
+`create_sharded` traces the constructor with `nnx.eval_shape`, derives the shardings from the
+annotations and runs the real initialisation under `jax.jit(..., out_shardings=...)`.
+
+Eager sharding is switched off at import (`nnx.use_eager_sharding(False)`): with it on, flax 0.12
+refuses to build an annotated `nnx.Param` outside a mesh context, which would make every model
+unusable on a plain CPU without ceremony. We shard explicitly instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+nnx.use_eager_sharding(False)
+
+MESH_AXES = ("data", "fsdp")
+
+# Logical axis names used by the models. A weight's annotation is a tuple of these (or None).
+LOGICAL_AXES = {
+    "embed": "model width of a transformer (hidden size)",
+    "mlp": "hidden width of an MLP",
+    "heads": "fused attention projection width (num_heads * head_dim)",
+    "vocab": "number of classes of an embedding table",
+    "conv_in": "input channels of a convolution kernel",
+    "conv_out": "output channels of a convolution kernel",
+}
+
+# Rule sets by strategy name. "dp": everything replicated. "fsdp": the larger weight axes are
+# split over the `fsdp` mesh axis (optimizer state follows the parameters).
+RULES = {
+    "dp": tuple((name, None) for name in LOGICAL_AXES),
+    "fsdp": (
+        ("embed", "fsdp"),
+        ("mlp", None),
+        ("heads", None),
+        ("vocab", None),
+        ("conv_in", None),
+        ("conv_out", "fsdp"),
+    ),
+}
+
+M = TypeVar("M", bound=nnx.Module)
+
+
+def make_mesh(
+    data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """Builds the (`data`, `fsdp`) mesh. One of the sizes may be -1: it takes the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    sizes = [data, fsdp]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got data={data}, fsdp={fsdp}")
+    for name, s in zip(MESH_AXES, sizes):
+        if s == 0 or s < -1:
+            raise ValueError(f"mesh: axis {name}={s} must be a positive size or -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n % known:
+            raise ValueError(
+                f"mesh: {n} devices cannot be split with data={data}, fsdp={fsdp}: "
+                f"{n} is not divisible by {known}. Choose sizes whose product divides {n}."
+            )
+        sizes[sizes.index(-1)] = n // known
+    if math.prod(sizes) != n:
+        raise ValueError(
+            f"mesh: data={sizes[0]} x fsdp={sizes[1]} = {math.prod(sizes)} devices, but {n} are "
+            f"available. Use -1 for one axis to fill the rest."
+        )
+    arr = np.asarray(devices, dtype=object).reshape(sizes)
+    return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def get_rules(strategy: str | Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
+    """Logical-axis rules for a strategy name ("dp", "fsdp") or an explicit rule list."""
+    if isinstance(strategy, str):
+        if strategy not in RULES:
+            raise ValueError(f"unknown sharding strategy {strategy!r}; expected one of {sorted(RULES)}")
+        return RULES[strategy]
+    return tuple(tuple(r) for r in strategy)
+
+
+def _fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """Drops mesh axes from dimensions they do not divide (small weights stay replicated)."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axes is None:
+            out.append(None)
+            continue
+        names = axes if isinstance(axes, tuple) else (axes,)
+        size = math.prod(mesh.shape[a] for a in names)
+        out.append(axes if dim % size == 0 else None)
+    return PartitionSpec(*out)
+
+
+def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules) -> nnx.State:
+    """NamedShardings for an (abstract) state from its logical annotations and the rules."""
+    with nnx.logical_axis_rules(get_rules(rules)):
+        specs = nnx.get_partition_spec(abstract_state)
+
+    def to_sharding(x, spec):
+        spec = spec if isinstance(spec, PartitionSpec) else PartitionSpec()
+        spec = nnx.logical_to_mesh_axes(spec, get_rules(rules)) if _is_logical(spec) else spec
+        return NamedSharding(mesh, _fit_spec(spec, x.shape, mesh))
+
+    return jax.tree.map(to_sharding, abstract_state, specs)
+
+
+def _is_logical(spec: PartitionSpec) -> bool:
+    names = [a for a in spec if a is not None]
+    return any(isinstance(a, str) and a in LOGICAL_AXES for a in names)
+
+
+def create_sharded(constructor: Callable[[], M], mesh: Mesh, rules) -> M:
+    """Builds `constructor()` with every variable created directly in its target sharding."""
+    abstract = nnx.eval_shape(constructor)
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = state_shardings(abstract_state, mesh, rules)
+
+    @jax.jit
+    def init():
+        return nnx.state(constructor())
+
+    state = jax.jit(init, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """The sharding of a batch: leading axis over (`data`, `fsdp`), the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(MESH_AXES, *([None] * (ndim - 1))))
