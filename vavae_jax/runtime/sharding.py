@@ -52,9 +52,7 @@ RULES = {
 M = TypeVar("M", bound=nnx.Module)
 
 
-def make_mesh(
-    data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None
-) -> Mesh:
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Builds the (`data`, `fsdp`) mesh. One of the sizes may be -1: it takes the remaining devices."""
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
@@ -85,7 +83,9 @@ def get_rules(strategy: str | Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any
     """Logical-axis rules for a strategy name ("dp", "fsdp") or an explicit rule list."""
     if isinstance(strategy, str):
         if strategy not in RULES:
-            raise ValueError(f"unknown sharding strategy {strategy!r}; expected one of {sorted(RULES)}")
+            raise ValueError(
+                f"unknown sharding strategy {strategy!r}; expected one of {sorted(RULES)}"
+            )
         return RULES[strategy]
     return tuple(tuple(r) for r in strategy)
 
