@@ -17,6 +17,7 @@ CORE = [
     "scipy>=1.13",
     "pillow>=10.0",
     "tqdm>=4.66",
+    "importlib_resources>=6.0",
     "tensorboardX>=2.6",
 ]
 # torch is only for checkpoint conversion and parity tests, never for training or sampling.
