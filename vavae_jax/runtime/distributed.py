@@ -1,0 +1,73 @@
+"""Multi-host start-up: `jax.distributed.initialize` on TPU VMs, SLURM, or explicit flags."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+log = logging.getLogger(__name__)
+
+
+def detect_cluster() -> str | None:
+    """Names the multi-process environment we run in, or None for a single process."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return "env"
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if len([h for h in hosts.split(",") if h]) > 1:
+        return "tpu"
+    # GCE TPU VMs usually leave TPU_WORKER_HOSTNAMES unset (JAX asks the metadata server), but
+    # every TPU VM has accelerator device files; initialize() is also right on a 1-host slice.
+    if os.environ.get("TPU_ACCELERATOR_TYPE") or os.path.exists("/dev/accel0") or (
+        os.path.isdir("/dev/vfio") and any(n.isdigit() for n in os.listdir("/dev/vfio"))
+    ):
+        return "tpu-vm"
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+        return "slurm"
+    return None
+
+
+def initialize(
+    mode: str = "auto",
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Starts JAX's distributed runtime. Errors propagate: a half-started pod must not train.
+
+    mode: "auto" (start if `detect_cluster` finds a multi-process environment or explicit
+    coordinates are given), "on" (always), "off" (never).
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"--distributed={mode!r}: expected auto, on or off")
+    explicit = coordinator_address is not None
+    if explicit and (num_processes is None or process_id is None):
+        raise ValueError(
+            "--coordinator_address needs --num_processes and --process_id as well "
+            f"(got num_processes={num_processes}, process_id={process_id})"
+        )
+    cluster = detect_cluster()
+    if mode == "off" or (mode == "auto" and not explicit and cluster is None):
+        return
+    kwargs = {}
+    if explicit:
+        kwargs = dict(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
+    log.info(
+        "jax.distributed.initialize(%s) [cluster: %s]",
+        kwargs or "auto-detect",
+        cluster or "explicit",
+    )
+    jax.distributed.initialize(**kwargs)
+
+
+def describe() -> str:
+    return (
+        f"process {jax.process_index()}/{jax.process_count()}, "
+        f"{jax.local_device_count()} local / {jax.device_count()} global devices "
+        f"({jax.devices()[0].platform}: {jax.devices()[0].device_kind})"
+    )
