@@ -1,0 +1,563 @@
+"""LightningDiT, the diffusion transformer of "Reconstruction vs. Generation", in Flax NNX (NHWC).
+
+Ported from the reference `models/lightningdit.py` (LightningDiT, LightningDiTBlock, Attention,
+TimestepEmbedder, LabelEmbedder, FinalLayer, sin-cos position table), `models/rmsnorm.py`
+(RMSNorm), `models/swiglu_ffn.py` (SwiGLUFFN), `models/pos_embed.py` (VisionRotaryEmbeddingFast)
+and timm's `PatchEmbed` / `Mlp`. Class and attribute names follow the reference so that checkpoint
+conversion maps one to one; the exceptions are the indices of `nn.Sequential` members, which
+become `mlp_0`, `mlp_2` (TimestepEmbedder) and `adaLN_modulation` (the Linear after the SiLU).
+
+The `depth` blocks are created stacked (`nnx.vmap`) and applied with `nnx.scan`: one block is
+traced and compiled once, whatever the depth. Each parameter of `blocks` has a leading `depth` axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vavae_jax.runtime import sharding as _sharding  # noqa: F401  (eager sharding off)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# Rematerialisation of each block in the backward pass (`jax.checkpoint` policies).
+REMAT_POLICIES = {
+    "none": None,  # no remat: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LightningDiTConfig:
+    """Field names and defaults follow the reference `LightningDiT.__init__`.
+
+    `dtype` is the compute dtype of the matmuls (parameters stay float32; norms, softmax and the
+    residual stream run in float32). `remat_policy` is a key of `REMAT_POLICIES`, applied to each
+    scanned block; `scan_unroll` is the unroll factor of the scan over blocks.
+    `attention_impl` is passed to `jax.nn.dot_product_attention` (None: let JAX choose; "xla";
+    "cudnn").
+    """
+
+    input_size: int = 32
+    patch_size: int = 2
+    in_channels: int = 32
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+    num_classes: int = 1000
+    learn_sigma: bool = False
+    use_qknorm: bool = False
+    use_swiglu: bool = False
+    use_rope: bool = False
+    use_rmsnorm: bool = False
+    wo_shift: bool = False
+    dtype: str = "float32"
+    remat_policy: str = "none"
+    scan_unroll: int = 1
+    attention_impl: str | None = None
+
+    def __post_init__(self):
+        problems = []
+        if self.hidden_size % self.num_heads:
+            problems.append(
+                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
+            )
+        if self.input_size % self.patch_size:
+            problems.append(
+                f"input_size={self.input_size} is not divisible by patch_size={self.patch_size}"
+            )
+        if self.hidden_size % 4:
+            problems.append(
+                f"hidden_size={self.hidden_size}: the 2-D sin-cos position table needs a "
+                f"multiple of 4"
+            )
+        if self.use_rope and (self.hidden_size // self.num_heads) % 4:
+            problems.append(
+                f"use_rope needs a head dimension divisible by 4, got "
+                f"{self.hidden_size // self.num_heads}"
+            )
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype={self.dtype!r}: expected one of {sorted(DTYPES)}")
+        if self.remat_policy not in REMAT_POLICIES:
+            problems.append(
+                f"remat_policy={self.remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}"
+            )
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            problems.append(f"class_dropout_prob={self.class_dropout_prob} must be in [0, 1)")
+        if self.depth < 1 or self.scan_unroll < 1:
+            problems.append(f"depth={self.depth} and scan_unroll={self.scan_unroll} must be >= 1")
+        if problems:
+            raise ValueError("invalid LightningDiTConfig: " + "; ".join(problems))
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def grid_size(self) -> int:
+        return self.input_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def null_label(self) -> int:
+        """The label of the unconditional embedding (exists when class_dropout_prob > 0)."""
+        return self.num_classes
+
+
+# Sizes of the reference `LightningDiT_models`; the switches are those of the paper's models
+# (reference configs/lightningdit_xl_vavae_f16d32.yaml) on VA-VAE f16d32 latents of 256 images.
+_PAPER = dict(
+    input_size=16,
+    in_channels=32,
+    use_qknorm=False,
+    use_swiglu=True,
+    use_rope=True,
+    use_rmsnorm=True,
+    wo_shift=False,
+)
+_SIZES = {  # name: (depth, hidden_size, patch_size, num_heads)
+    "B/1": (12, 768, 1, 12),
+    "B/2": (12, 768, 2, 12),
+    "L/2": (24, 1024, 2, 16),
+    "XL/1": (28, 1152, 1, 16),
+    "XL/2": (28, 1152, 2, 16),
+    "1p0B/1": (24, 1536, 1, 24),
+    "1p0B/2": (24, 1536, 2, 24),
+    "1p6B/1": (28, 1792, 1, 28),
+    "1p6B/2": (28, 1792, 2, 28),
+}
+PRESETS: dict[str, LightningDiTConfig] = {
+    name: LightningDiTConfig(depth=d, hidden_size=h, patch_size=p, num_heads=n, **_PAPER)
+    for name, (d, h, p, n) in _SIZES.items()
+}
+# A tiny model for CPU tests and quick runs (the shape of ../shared/fixtures/lightningdit_tiny_*).
+PRESETS["tiny"] = LightningDiTConfig(
+    input_size=8,
+    in_channels=8,
+    hidden_size=64,
+    depth=2,
+    num_heads=4,
+    patch_size=1,
+    num_classes=10,
+    **{k: v for k, v in _PAPER.items() if k not in ("input_size", "in_channels")},
+)
+
+
+class Buffer(nnx.Variable):
+    """Fixed state saved with the model but never trained (the reference's `requires_grad=False`
+    parameter `pos_embed`). Optimizers built with `wrt=nnx.Param` leave it alone."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed tables: reference models/lightningdit.py (get_2d_sincos_pos_embed) and
+# models/pos_embed.py (VisionRotaryEmbeddingFast), computed in numpy exactly as there.
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
+    """[grid_size**2, embed_dim]: the first half encodes the column (w), the second the row (h)."""
+    grid_h = np.arange(grid_size, dtype=np.float32)
+    grid_w = np.arange(grid_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0)  # w goes first, as in MAE
+    emb_a = _1d_sincos(embed_dim // 2, grid[0])
+    emb_b = _1d_sincos(embed_dim // 2, grid[1])
+    return np.concatenate([emb_a, emb_b], axis=1)
+
+
+def _1d_sincos(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega  # [D/2]
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)  # [M, D/2]
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def rope_tables(head_dim: int, grid_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cos, sin), each [grid_size**2, head_dim], of the EVA-02 2-D rotary embedding.
+
+    Reference `VisionRotaryEmbeddingFast(dim=head_dim // 2, pt_seq_len=grid_size)`: each frequency
+    is repeated twice (interleaved pairs), the first `head_dim // 2` features rotate with the row
+    index and the others with the column index; float32 as in torch.
+    """
+    dim = head_dim // 2
+    freqs = 1.0 / (
+        10000.0 ** (np.arange(0, dim, 2, dtype=np.float32)[: dim // 2] / np.float32(dim))
+    )
+    t = np.arange(grid_size, dtype=np.float32) / np.float32(grid_size) * np.float32(grid_size)
+    freqs = np.einsum("i,f->if", t, freqs.astype(np.float32)).astype(np.float32)
+    freqs = np.repeat(freqs, 2, axis=-1)  # [L, dim]: f0 f0 f1 f1 ...
+    rows = np.broadcast_to(freqs[:, None, :], (grid_size, grid_size, dim))
+    cols = np.broadcast_to(freqs[None, :, :], (grid_size, grid_size, dim))
+    table = np.concatenate([rows, cols], axis=-1).reshape(grid_size * grid_size, 2 * dim)
+    return np.cos(table).astype(np.float32), np.sin(table).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, N, H]; `rotate_half` pairs features (2i, 2i+1) -> (-x[2i+1], x[2i])."""
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+
+def _dense(
+    cin: int, cout: int, rngs: nnx.Rngs, dtype, axes: tuple, *, init=None, bias: bool = True
+) -> nnx.Linear:
+    """nn.Linear with the reference's `_basic_init` (xavier-uniform weight, zero bias)."""
+    init = init or nnx.initializers.xavier_uniform()
+    return nnx.Linear(
+        cin,
+        cout,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nnx.with_partitioning(init, axes),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
+        rngs=rngs,
+    )
+
+
+class RMSNorm(nnx.Module):
+    """Reference models/rmsnorm.py: x * rsqrt(mean(x^2) + eps) in float32, times `weight`."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, axis_name: str | None = "embed"):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=(axis_name,))
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.weight[...]).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """torch.nn.LayerNorm over the last axis in float32 (affine or not)."""
+
+    def __init__(
+        self, dim: int, eps: float, elementwise_affine: bool, axis_name: str | None = "embed"
+    ):
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=(axis_name,))
+            self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), out_sharding=(axis_name,))
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        x32 = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.elementwise_affine:
+            x32 = x32 * self.weight[...] + self.bias[...]
+        return x32.astype(x.dtype)
+
+
+def _block_norm(dim: int, use_rmsnorm: bool):
+    # LightningDiTBlock / FinalLayer: RMSNorm(dim) or LayerNorm(elementwise_affine=False, 1e-6).
+    return RMSNorm(dim) if use_rmsnorm else LayerNorm(dim, 1e-6, elementwise_affine=False)
+
+
+def modulate(x, shift, scale):
+    """Reference `modulate`: x * (1 + scale) + shift, with shift None for `wo_shift`."""
+    x = x * (1 + scale[:, None, :])
+    return x if shift is None else x + shift[:, None, :]
+
+
+class PatchEmbed(nnx.Module):
+    """timm PatchEmbed: a p x p convolution with stride p, tokens in row-major order."""
+
+    def __init__(self, config: LightningDiTConfig, rngs: nnx.Rngs, dtype):
+        p = config.patch_size
+        # The reference initialises the conv kernel like a Linear of fan_in = C*p*p.
+        init = nnx.initializers.variance_scaling(
+            1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3
+        )
+        self.proj = nnx.Conv(
+            config.in_channels,
+            config.hidden_size,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nnx.with_partitioning(init, (None, None, "conv_in", "embed")),
+            bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)),
+            rngs=rngs,
+        )
+
+    def __call__(self, x):  # [B, H, W, C] -> [B, T, D]
+        x = self.proj(x)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+class TimestepEmbedder(nnx.Module):
+    """Reference TimestepEmbedder: 256 sinusoidal frequencies (cos first), then SiLU MLP."""
+
+    frequency_embedding_size = 256
+
+    def __init__(self, hidden_size: int, rngs: nnx.Rngs, dtype):
+        init = nnx.initializers.normal(0.02)
+        self.mlp_0 = _dense(256, hidden_size, rngs, dtype, (None, "embed"), init=init)
+        self.mlp_2 = _dense(hidden_size, hidden_size, rngs, dtype, ("mlp", "embed"), init=init)
+
+    @staticmethod
+    def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+        half = dim // 2
+        freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+        args = t.astype(jnp.float32)[:, None] * freqs[None]
+        emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+        if dim % 2:
+            emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+        return emb
+
+    def __call__(self, t):  # [B] -> [B, D]
+        emb = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp_2(jax.nn.silu(self.mlp_0(emb))).astype(jnp.float32)
+
+
+class LabelEmbedder(nnx.Module):
+    """Reference LabelEmbedder: one extra row (the null label `num_classes`) when dropout > 0."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float, rngs: nnx.Rngs):
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        use_cfg_embedding = int(dropout_prob > 0)
+        self.embedding_table = nnx.Embed(
+            num_classes + use_cfg_embedding,
+            hidden_size,
+            param_dtype=jnp.float32,
+            embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed")),
+            rngs=rngs,
+        )
+
+    def token_drop(self, labels, rng):
+        drop = jax.random.uniform(rng, labels.shape) < self.dropout_prob
+        return jnp.where(drop, self.num_classes, labels)
+
+    def __call__(self, labels, *, train: bool = False, rng: jax.Array | None = None):
+        if train and self.dropout_prob > 0:
+            if rng is None:
+                raise ValueError(
+                    "LabelEmbedder: train=True with class_dropout_prob > 0 needs an rng for the "
+                    "label dropout; pass rng=... (or train=False for evaluation)"
+                )
+            labels = self.token_drop(labels, rng)
+        return self.embedding_table(labels).astype(jnp.float32)
+
+
+class Attention(nnx.Module):
+    """Reference Attention: fused qkv with bias, optional QK-norm over the head dim, RoPE."""
+
+    def __init__(self, config: LightningDiTConfig, rngs: nnx.Rngs, dtype):
+        d = config.hidden_size
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.implementation = config.attention_impl
+        self.qkv = _dense(d, 3 * d, rngs, dtype, ("embed", "heads"))
+        if config.use_qknorm:
+            if config.use_rmsnorm:
+                self.q_norm = RMSNorm(self.head_dim, axis_name=None)
+                self.k_norm = RMSNorm(self.head_dim, axis_name=None)
+            else:  # nn.LayerNorm(head_dim) with its default eps and affine
+                self.q_norm = LayerNorm(self.head_dim, 1e-5, True, axis_name=None)
+                self.k_norm = LayerNorm(self.head_dim, 1e-5, True, axis_name=None)
+        else:
+            self.q_norm = self.k_norm = None
+        self.proj = _dense(d, d, rngs, dtype, ("heads", "embed"))
+
+    def __call__(self, x, rope=None):  # [B, T, D]
+        b, t, d = x.shape
+        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, N, H]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q = apply_rope(q, *rope).astype(v.dtype)
+            k = apply_rope(k, *rope).astype(v.dtype)
+        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        return self.proj(out.reshape(b, t, d))
+
+
+class Mlp(nnx.Module):
+    """timm Mlp with GELU (tanh approximation)."""
+
+    def __init__(self, dim: int, hidden: int, rngs: nnx.Rngs, dtype):
+        self.fc1 = _dense(dim, hidden, rngs, dtype, ("embed", "mlp"))
+        self.fc2 = _dense(hidden, dim, rngs, dtype, ("mlp", "embed"))
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+class SwiGLUFFN(nnx.Module):
+    """Reference models/swiglu_ffn.py: w12 -> (silu(x1) * x2) -> w3."""
+
+    def __init__(self, dim: int, hidden: int, rngs: nnx.Rngs, dtype):
+        self.w12 = _dense(dim, 2 * hidden, rngs, dtype, ("embed", "mlp"))
+        self.w3 = _dense(hidden, dim, rngs, dtype, ("mlp", "embed"))
+
+    def __call__(self, x):
+        x1, x2 = jnp.split(self.w12(x), 2, axis=-1)
+        return self.w3(jax.nn.silu(x1) * x2)
+
+
+class LightningDiTBlock(nnx.Module):
+    """Reference LightningDiTBlock: adaLN-modulated attention and MLP with gated residuals."""
+
+    def __init__(self, config: LightningDiTConfig, *, rngs: nnx.Rngs):
+        dtype = DTYPES[config.dtype]
+        d = config.hidden_size
+        self.wo_shift = config.wo_shift
+        self.norm1 = _block_norm(d, config.use_rmsnorm)
+        self.norm2 = _block_norm(d, config.use_rmsnorm)
+        self.attn = Attention(config, rngs, dtype)
+        mlp_hidden = int(d * config.mlp_ratio)
+        if config.use_swiglu:
+            self.mlp = SwiGLUFFN(d, int(2 / 3 * mlp_hidden), rngs, dtype)
+        else:
+            self.mlp = Mlp(d, mlp_hidden, rngs, dtype)
+        n_mod = 4 if config.wo_shift else 6
+        zeros = nnx.initializers.zeros_init()
+        self.adaLN_modulation = _dense(d, n_mod * d, rngs, dtype, ("embed", "mlp"), init=zeros)
+
+    def __call__(self, x, c, rope=None):  # x [B, T, D] float32, c [B, D]
+        mod = self.adaLN_modulation(jax.nn.silu(c)).astype(jnp.float32)
+        if self.wo_shift:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = jnp.split(mod, 4, axis=-1)
+            shift_msa = shift_mlp = None
+        else:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, -1)
+        h = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        x = x + gate_msa[:, None, :] * h.astype(jnp.float32)
+        h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + gate_mlp[:, None, :] * h.astype(jnp.float32)
+
+
+class FinalLayer(nnx.Module):
+    """Reference FinalLayer: norm, adaLN (shift, scale), Linear to p*p*out_channels; zero init."""
+
+    def __init__(self, config: LightningDiTConfig, *, rngs: nnx.Rngs):
+        dtype = DTYPES[config.dtype]
+        d, p = config.hidden_size, config.patch_size
+        zeros = nnx.initializers.zeros_init()
+        self.norm_final = _block_norm(d, config.use_rmsnorm)
+        self.linear = _dense(
+            d, p * p * config.out_channels, rngs, dtype, ("embed", None), init=zeros
+        )
+        self.adaLN_modulation = _dense(d, 2 * d, rngs, dtype, ("embed", "mlp"), init=zeros)
+
+    def __call__(self, x, c):
+        mod = self.adaLN_modulation(jax.nn.silu(c)).astype(jnp.float32)
+        shift, scale = jnp.split(mod, 2, axis=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale)).astype(jnp.float32)
+
+
+class LightningDiT(nnx.Module):
+    """The velocity network v(x_t, t, y). Call as `model(x, t, y)`:
+
+    x [B, H, W, C] (NHWC latents), t [B] float in [0, 1] (0 = noise, 1 = data), y [B] int labels
+    where `num_classes` is the null label. `train=True` drops labels with `class_dropout_prob`
+    (needs `rng`); evaluation is deterministic. Returns [B, H, W, in_channels] in float32.
+
+    The blocks run under `nnx.scan`, so inside raw JAX control flow (`lax.cond`, `lax.scan`,
+    `lax.while_loop` bodies) build the model there: `nnx.merge(graphdef, state, copy=True)`
+    (NNX refuses Variables created at an outer trace level); `nnx.jit` / `nnx.grad` need nothing.
+    """
+
+    def __init__(self, config: LightningDiTConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype = DTYPES[config.dtype]
+        d = config.hidden_size
+        self.x_embedder = PatchEmbed(config, rngs, dtype)
+        self.t_embedder = TimestepEmbedder(d, rngs, dtype)
+        self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob, rngs)
+        table = get_2d_sincos_pos_embed(d, config.grid_size)[None].astype(np.float32)
+        self.pos_embed = Buffer(jnp.asarray(table), out_sharding=(None, None, "embed"))
+
+        @nnx.split_rngs(splits=config.depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+        def make_blocks(rngs):
+            return LightningDiTBlock(config, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_layer = FinalLayer(config, rngs=rngs)
+
+    def rope(self):
+        if not self.config.use_rope:
+            return None
+        cos, sin = rope_tables(self.config.head_dim, self.config.grid_size)
+        return jnp.asarray(cos), jnp.asarray(sin)
+
+    def unpatchify(self, x):  # [B, T, p*p*C] -> [B, H, W, C]
+        p, c, g = self.config.patch_size, self.config.out_channels, self.config.grid_size
+        x = x.reshape(x.shape[0], g, g, p, p, c)
+        x = x.transpose(0, 1, 3, 2, 4, 5)  # reference einsum nhwpqc -> nchpwq, in NHWC
+        return x.reshape(x.shape[0], g * p, g * p, c)
+
+    def _check_inputs(self, x, t, y):
+        cfg = self.config
+        want = (cfg.input_size, cfg.input_size, cfg.in_channels)
+        if x.ndim != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(
+                f"LightningDiT expects x of shape [B, {want[0]}, {want[1]}, {want[2]}] (NHWC), "
+                f"got {tuple(x.shape)}"
+            )
+        if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
+            raise ValueError(
+                f"LightningDiT expects t and y of shape [{x.shape[0]}], got t {tuple(t.shape)} "
+                f"and y {tuple(y.shape)}"
+            )
+
+    def __call__(self, x, t, y, *, train: bool = False, rng: jax.Array | None = None):
+        self._check_inputs(x, t, y)
+        cfg = self.config
+        h = self.x_embedder(x).astype(jnp.float32) + self.pos_embed[...]  # [B, T, D]
+        c = self.t_embedder(t) + self.y_embedder(y, train=train, rng=rng)  # [B, D]
+        rope = self.rope()
+
+        def apply_block(h, block):
+            return block(h, c, rope)
+
+        policy = REMAT_POLICIES[cfg.remat_policy]
+        if cfg.remat_policy != "none":
+            apply_block = nnx.remat(apply_block, policy=policy, prevent_cse=False)
+        scan = nnx.scan(
+            apply_block,
+            in_axes=(nnx.Carry, 0),
+            out_axes=nnx.Carry,
+            unroll=cfg.scan_unroll,
+            transform_metadata={nnx.PARTITION_NAME: None},
+        )
+        h = scan(h, self.blocks)
+        out = self.unpatchify(self.final_layer(h, c))  # [B, H, W, out_channels]
+        if cfg.learn_sigma:
+            out = out[..., : cfg.in_channels]
+        return out
+
+
+def count_params(model: nnx.Module) -> int:
+    """Parameters as the reference counts them (`model.parameters()`: trainable + pos_embed)."""
+    state = nnx.state(model, nnx.Any(nnx.Param, Buffer))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+
+
+def abstract_model(config: LightningDiTConfig) -> LightningDiT:
+    """The model with `jax.ShapeDtypeStruct` leaves (no memory): shapes, counts, shardings."""
+    return nnx.eval_shape(lambda: LightningDiT(config, rngs=nnx.Rngs(0)))
