@@ -19,8 +19,10 @@ def detect_cluster() -> str | None:
         return "tpu"
     # GCE TPU VMs usually leave TPU_WORKER_HOSTNAMES unset (JAX asks the metadata server), but
     # every TPU VM has accelerator device files; initialize() is also right on a 1-host slice.
-    if os.environ.get("TPU_ACCELERATOR_TYPE") or os.path.exists("/dev/accel0") or (
-        os.path.isdir("/dev/vfio") and any(n.isdigit() for n in os.listdir("/dev/vfio"))
+    if (
+        os.environ.get("TPU_ACCELERATOR_TYPE")
+        or os.path.exists("/dev/accel0")
+        or (os.path.isdir("/dev/vfio") and any(n.isdigit() for n in os.listdir("/dev/vfio")))
     ):
         return "tpu-vm"
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:

@@ -138,3 +138,16 @@ def create_sharded(constructor: Callable[[], M], mesh: Mesh, rules) -> M:
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """The sharding of a batch: leading axis over (`data`, `fsdp`), the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(MESH_AXES, *([None] * (ndim - 1))))
+
+
+def optimizer_init_sharded(tx, params: Any, mesh: Mesh):
+    """`tx.init(params)` with every moment sharded like its parameter, scalars replicated."""
+    import optax
+
+    abstract = jax.eval_shape(tx.init, params)
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shardings = optax.tree_map_params(
+        tx, lambda _, s: s, abstract, param_sh, transform_non_params=lambda _: replicated
+    )
+    return jax.jit(tx.init, out_shardings=shardings)(params)

@@ -1,0 +1,71 @@
+"""Trains a model from an ml_collections config: VA-VAE or LightningDiT.
+
+  python launch/train.py --config=configs/vavae_f16d32.py:small --workdir=runs/quickstart
+  python launch/train.py --config=configs/vavae_f16d32.py --config.global_batch_size=128
+
+Re-running the same command with the same --workdir resumes from its last checkpoint.
+Multi-host: started automatically on TPU VMs and SLURM; elsewhere pass --coordinator_address,
+--num_processes and --process_id on every host.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file[:variants].", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory (local or gs://). Default: runs/<config name>[_<variants>]."
+)
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "Start jax.distributed (auto: on TPU pods, SLURM, or when --coordinator_address is given).",
+)
+_COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flag_as_required("config")
+
+
+def default_workdir(config_arg: str) -> str:
+    path, _, variant = config_arg.partition(":")
+    name = pathlib.Path(path).stem + (f"_{variant.replace(',', '_')}" if variant else "")
+    return str(pathlib.Path("runs") / name)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from vavae_jax.runtime import distributed
+    from vavae_jax.runtime.logging import setup_python_logging
+
+    setup_python_logging()
+    distributed.initialize(_DISTRIBUTED.value, _COORD.value, _NPROC.value, _PID.value)
+    log = logging.getLogger("launch.train")
+    log.info("devices: %s", distributed.describe())
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or default_workdir(
+        config_flags.get_config_filename(flags.FLAGS["config"])
+    )
+    trainer = config.get("trainer", None)
+    if trainer == "vavae":
+        from vavae_jax import train
+    elif trainer == "lightningdit":
+        from lightningdit_jax import train
+    else:
+        raise ValueError(f"config.trainer={trainer!r}: expected 'vavae' or 'lightningdit'")
+    train.run(config, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,121 @@
+"""One Orbax CheckpointManager per run: model, optimizers, EMA, step, data iterator and config.
+
+Every process saves and restores (Orbax coordinates multi-host writes). Items:
+  state  - the array pytree (parameters, optimizer states, EMA, step, ...)
+  data   - the grain iterator state (exact resume of the input pipeline)
+  config - the run's config as JSON (what was trained, readable without the code)
+  meta   - small JSON facts (e.g. latent statistics, the tokenizer a DiT was trained on)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in str(path)
+
+
+def as_path(path: str | pathlib.Path):
+    """A local `pathlib.Path`, or an `etils.epath.Path` for gs:// and other remote URLs."""
+    if _is_remote(str(path)):
+        from etils import epath
+
+        return epath.Path(str(path))
+    return pathlib.Path(path).resolve()
+
+
+class Checkpointer:
+    def __init__(self, directory, *, max_to_keep: int | None = 3, async_save: bool = True):
+        self.directory = as_path(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        data_iterator=None,
+        config=None,
+        meta=None,
+        force: bool = False,
+    ) -> bool:
+        items: dict[str, Any] = {"state": ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(config)
+        if meta is not None:
+            items["meta"] = ocp.args.JsonSave(meta)
+        saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if saved:
+            log.info("checkpoint: saving step %d to %s", step, self.directory)
+        return saved
+
+    def restore(
+        self,
+        step: int | None,
+        abstract_state: Any,
+        *,
+        data_iterator=None,
+        with_config: bool = False,
+        with_meta: bool = False,
+    ) -> dict[str, Any]:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        items: dict[str, Any] = {"state": ocp.args.StandardRestore(abstract_state)}
+        present = set(self.item_names(step))
+        if data_iterator is not None:
+            if "data" not in present:
+                raise ValueError(f"checkpoint step {step} in {self.directory} has no data state")
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        if with_config and "config" in present:
+            items["config"] = ocp.args.JsonRestore()
+        if with_meta and "meta" in present:
+            items["meta"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return {k: restored[k] for k in items}
+
+    def item_names(self, step: int) -> list[str]:
+        step_dir = self.directory / str(step)
+        return [p.name for p in step_dir.iterdir() if p.is_dir()] if step_dir.exists() else []
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs (with shardings) of a pytree of arrays, as restore targets."""
+
+    def to_abstract(x):
+        if isinstance(x, jax.Array):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        return x
+
+    return jax.tree.map(to_abstract, tree)
+
+
+def save_json(path, obj: Any) -> None:
+    path = as_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))

@@ -1,0 +1,497 @@
+"""The VA-VAE trainer: `run(config, workdir)`, behind `launch/train.py`.
+
+Phases: (1) mesh and data, (2) models created already sharded, (3) resume or initialise,
+(4) one jitted, sharded step per iteration, with logging, image grids, checkpoints and a clean
+stop on SIGTERM or NaN. See configs/vavae_f16d32.py for every setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from vavae_jax import data as data_lib
+from vavae_jax import discriminator as disc_lib
+from vavae_jax import foundation
+from vavae_jax import lpips as lpips_lib
+from vavae_jax import model as model_lib
+from vavae_jax.runtime import checkpoint as ckpt_lib
+from vavae_jax.runtime import sharding
+from vavae_jax.runtime.logging import MetricWriter, image_grid, save_png
+from vavae_jax.train_step import StepConfig, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+class Generator(nnx.Module):
+    """Everything the generator optimizer updates: the autoencoder, the VF reverse projection
+    (reference `linear_proj`, a bias-free 1x1 conv z -> teacher width) and the nll `logvar`."""
+
+    def __init__(
+        self,
+        ae_config: model_lib.AutoencoderConfig,
+        teacher_dim: int | None,
+        logvar_init: float,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        self.autoencoder = model_lib.AutoencoderKL(ae_config, rngs=rngs)
+        if teacher_dim is not None:
+            self.linear_proj = nnx.Conv(
+                ae_config.embed_dim,
+                teacher_dim,
+                (1, 1),
+                use_bias=False,
+                dtype=jnp.dtype(ae_config.dtype),
+                param_dtype=jnp.float32,
+                kernel_init=nnx.with_partitioning(
+                    nnx.initializers.lecun_normal(), model_lib.CONV_AXES
+                ),
+                rngs=rngs,
+            )
+        self.logvar = nnx.Param(jnp.full((), logvar_init, jnp.float32))
+
+
+def compute_dtype(config) -> jnp.dtype:
+    if config.dtype == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    return jnp.dtype(config.dtype)
+
+
+def autoencoder_config(config) -> model_lib.AutoencoderConfig:
+    m = config.model
+    return model_lib.AutoencoderConfig(
+        ch=m.ch,
+        ch_mult=tuple(m.ch_mult),
+        num_res_blocks=m.num_res_blocks,
+        attn_resolutions=tuple(m.attn_resolutions),
+        z_channels=m.z_channels,
+        embed_dim=m.embed_dim,
+        resolution=m.resolution,
+        in_channels=m.in_channels,
+        out_ch=m.out_ch,
+        double_z=m.double_z,
+        dropout=m.dropout,
+        dtype=jnp.dtype(compute_dtype(config)).name,
+    )
+
+
+def validate_config(config) -> None:
+    n_dev = jax.device_count()
+    if config.global_batch_size % n_dev:
+        raise ValueError(
+            f"global_batch_size={config.global_batch_size} is not divisible by the {n_dev} "
+            f"devices; use a multiple of {n_dev} (e.g. --config.global_batch_size="
+            f"{max(n_dev, config.global_batch_size // n_dev * n_dev)})"
+        )
+    if config.global_batch_size % jax.process_count():
+        raise ValueError(
+            f"global_batch_size={config.global_batch_size} is not divisible by "
+            f"{jax.process_count()} processes"
+        )
+    if config.data.resolution != config.model.resolution:
+        raise ValueError(
+            f"data.resolution={config.data.resolution} differs from "
+            f"model.resolution={config.model.resolution}"
+        )
+    if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype={config.dtype!r}: expected auto, float32, bfloat16 or float16")
+
+
+# Teacher shapes for smoke runs only (random weights); real runs load facebook/dinov2-*.
+SMOKE_TEACHERS = {
+    "dinov2-tiny": foundation.Dinov2Config(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4
+    ),
+}
+
+
+def build_teacher(tcfg, dtype) -> foundation.DinoV2Teacher:
+    """The frozen DINOv2 teacher from a hub id / local folder, or random for smoke runs."""
+    dtype = jnp.dtype(dtype).name
+    if tcfg.path:
+        return foundation.DinoV2Teacher.from_pretrained(
+            tcfg.path, dtype=dtype, resolution=tcfg.resolution
+        )
+    presets = {**foundation.PRESETS, **SMOKE_TEACHERS}
+    if not tcfg.allow_random:
+        raise ValueError(
+            "teacher.path is empty: give a DINOv2 hub id (facebook/dinov2-large) or a local "
+            "transformers directory, or set teacher.allow_random=True for a smoke run"
+        )
+    if tcfg.preset not in presets:
+        raise ValueError(f"teacher.preset={tcfg.preset!r}: expected one of {sorted(presets)}")
+    log.warning(
+        "the DINOv2 teacher (%s) has RANDOM weights: the VF loss aligns the latents with noise. "
+        "This is a smoke run; pass --config.teacher.path=facebook/dinov2-large (or a local "
+        "transformers folder) for real training.",
+        tcfg.preset,
+    )
+    cfg = dataclasses.replace(presets[tcfg.preset], dtype=dtype)
+    return foundation.DinoV2Teacher(
+        foundation.Dinov2Model(cfg, rngs=nnx.Rngs(0)), resolution=tcfg.resolution
+    )
+
+
+def build_frozen(config, cdt):
+    """The frozen networks: LPIPS and (for VA-VAE) the DINOv2 teacher."""
+    lp = lpips_lib.build_lpips(
+        config.lpips.path, allow_random=config.lpips.allow_random, dtype=jnp.dtype(cdt).name
+    )
+    teacher = build_teacher(config.teacher, cdt) if config.use_vf else None
+    if teacher is not None:
+        latent = config.model.resolution // 2 ** (len(config.model.ch_mult) - 1)
+        if teacher.grid_size != latent:
+            raise ValueError(
+                f"the teacher sees a {teacher.grid_size}x{teacher.grid_size} token grid "
+                f"(teacher.resolution={config.teacher.resolution}, patch 14) but the latents are "
+                f"{latent}x{latent}; set teacher.resolution={latent * 14}"
+            )
+    return lp, teacher
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    start: int  # first iteration of the stage
+    end: int  # one past its last iteration
+    vf_weight: float
+    distmat_margin: float
+    cos_margin: float
+    disc_start: int
+    reset_optimizers: bool
+
+
+def make_schedule(config, steps_per_epoch: int) -> list[Stage]:
+    loss = config.loss
+    if config.stages:
+        stages, start = [], 0
+        for s in config.stages:
+            n = int(s.epochs * steps_per_epoch)
+            stages.append(
+                Stage(
+                    start,
+                    start + n,
+                    s.vf_weight,
+                    s.distmat_margin,
+                    s.cos_margin,
+                    s.disc_start,
+                    s.reset_optimizers,
+                )
+            )
+            start += n
+        if config.total_steps > 0:  # a shorter smoke run of the same schedule
+            stages = [
+                dataclasses.replace(s, end=min(s.end, config.total_steps))
+                for s in stages
+                if s.start < config.total_steps
+            ]
+        return stages
+    total = config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
+    return [
+        Stage(
+            0,
+            int(total),
+            loss.vf_weight,
+            loss.distmat_margin,
+            loss.cos_margin,
+            loss.disc_start,
+            False,
+        )
+    ]
+
+
+def stage_at(stages: list[Stage], step: int) -> Stage:
+    for s in stages:
+        if s.start <= step < s.end:
+            return s
+    return stages[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Run
+# ---------------------------------------------------------------------------------------------
+def run(
+    config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: int | None = None
+) -> dict[str, Any]:
+    """Trains (or resumes) in `workdir`. `stop_after_steps` stops this invocation after that
+    many steps exactly as SIGTERM does (checkpoint, then return): preemption on demand."""
+    validate_config(config)
+    cdt = compute_dtype(config)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    log.info("mesh: %s, compute dtype %s", dict(mesh.shape), jnp.dtype(cdt).name)
+    workdir_path = ckpt_lib.as_path(workdir)
+    rng = jax.random.key(config.seed)
+
+    # ---- data --------------------------------------------------------------------------------
+    train_iter, num_records = data_lib.make_train_iterator(
+        config.data, config.global_batch_size, config.seed
+    )
+    steps_per_epoch = max(1, num_records // config.global_batch_size)
+    stages = make_schedule(config, steps_per_epoch)
+    total_steps = stages[-1].end
+    log.info(
+        "data: %d records, %d steps/epoch, %d steps in %d stage(s)",
+        num_records,
+        steps_per_epoch,
+        total_steps,
+        len(stages),
+    )
+
+    # ---- models ------------------------------------------------------------------------------
+    ae_cfg = autoencoder_config(config)
+    lp, teacher = build_frozen(config, cdt)
+    teacher_dim = teacher.feature_dim if teacher is not None else None
+    rules = config.sharding
+    init_rngs = jax.random.split(jax.random.fold_in(rng, 1), 2)
+    gen = sharding.create_sharded(
+        lambda: Generator(
+            ae_cfg, teacher_dim, config.loss.logvar_init, rngs=nnx.Rngs(init_rngs[0])
+        ),
+        mesh,
+        rules,
+    )
+    disc_cfg = disc_lib.DiscriminatorConfig(
+        input_nc=ae_cfg.out_ch, ndf=config.loss.disc_ndf, n_layers=config.loss.disc_num_layers
+    )
+    disc = sharding.create_sharded(
+        lambda: disc_lib.NLayerDiscriminator(disc_cfg, rngs=nnx.Rngs(init_rngs[1])), mesh, rules
+    )
+    if config.init_from:
+        init_generator_from(gen, config.init_from, ae_cfg)
+
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    gen_def, gen_params, gen_rest = nnx.split(gen, nnx.Param, ...)
+    disc_def, disc_params, disc_stats = nnx.split(disc, nnx.Param, nnx.BatchStat)
+    tx_g = make_optimizer(config.optim.lr, config.optim)
+    tx_d = make_optimizer(config.optim.disc_lr, config.optim)
+    step_cfg = StepConfig(
+        kl_weight=config.loss.kl_weight,
+        perceptual_weight=config.loss.perceptual_weight,
+        disc_factor=config.loss.disc_factor,
+        disc_weight=config.loss.disc_weight,
+        disc_loss=config.loss.disc_loss,
+        adaptive_vf=config.loss.adaptive_vf,
+        distmat_weight=config.loss.distmat_weight,
+        cos_weight=config.loss.cos_weight,
+        use_vf=config.use_vf,
+        train_logvar=config.loss.train_logvar,
+        lpips_dropout=config.loss.lpips_dropout,
+        ema_decay=config.ema.decay if config.ema.enabled else None,
+        compute_dtype=cdt,
+    )
+
+    def init_opt(params_g, params_d):
+        return (
+            sharding.optimizer_init_sharded(tx_g, params_g, mesh),
+            sharding.optimizer_init_sharded(tx_d, params_d, mesh),
+        )
+
+    opt_g, opt_d = init_opt(gen_params, disc_params)
+    state = dict(
+        gen=gen_params,
+        gen_rest=gen_rest,
+        disc=disc_params,
+        disc_stats=disc_stats,
+        opt_g=opt_g,
+        opt_d=opt_d,
+        step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+    )
+    if step_cfg.ema_decay is not None:
+        state["ema"] = jax.tree.map(jnp.copy, gen_params)
+
+    # ---- resume ------------------------------------------------------------------------------
+    ckpt = ckpt_lib.Checkpointer(workdir_path / "checkpoints", max_to_keep=config.keep_checkpoints)
+    start_step = 0
+    if ckpt.latest_step() is not None:
+        restored = ckpt.restore(None, ckpt_lib.abstract_like(state), data_iterator=train_iter)
+        state = restored["state"]
+        start_step = int(state["step"])
+        log.info("resumed from step %d in %s", start_step, ckpt.directory)
+    else:
+        ckpt_lib.save_json(workdir_path / "config.json", config.to_dict())
+
+    # ---- the step ----------------------------------------------------------------------------
+    frozen = dict(lpips=nnx.state(lp), teacher=nnx.state(teacher) if teacher is not None else {})
+    lp_def = nnx.graphdef(lp)
+    t_def = nnx.graphdef(teacher) if teacher is not None else None
+
+    def lpips_fn(frozen_state, a, b, dropout_rng):
+        return nnx.merge(lp_def, frozen_state["lpips"])(a, b, dropout_rng=dropout_rng)
+
+    def teacher_fn(frozen_state, x):
+        return nnx.merge(t_def, frozen_state["teacher"])(x)
+
+    step_fn = make_train_step(
+        gen_def, disc_def, lpips_fn, teacher_fn if config.use_vf else None, tx_g, tx_d, step_cfg
+    )
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    frozen = jax.device_put(frozen, replicated)
+    batch_sh = {"image": sharding.batch_sharding(mesh, 4)}
+    jit_step = jax.jit(
+        step_fn,
+        in_shardings=(state_sh, None, batch_sh, replicated, replicated),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=(0,),
+    )
+
+    # ---- loop --------------------------------------------------------------------------------
+    writer = MetricWriter(workdir_path / "logs")
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+        log.warning("received signal %d: saving a checkpoint after the current step", signum)
+
+    old_handler = signal.signal(signal.SIGTERM, on_signal)
+    grid_batch = None
+    last_good = ckpt.latest_step()
+    pending = None  # (step, metrics) of the previous step, checked one step late: no host stall
+    pbar = _progress(config, start_step, total_steps)
+    t0, n_since = time.perf_counter(), 0
+    stage = None
+    step = start_step
+    try:
+        while step < total_steps:
+            new_stage = stage_at(stages, step)
+            if new_stage != stage:
+                if stage is not None and new_stage.reset_optimizers:
+                    state["opt_g"], state["opt_d"] = init_opt(state["gen"], state["disc"])
+                    log.info("stage boundary at step %d: optimizers restarted", step)
+                stage = new_stage
+                hparams = _hparams(stage, 0)
+                log.info("stage %s", stage)
+            local = next(train_iter)
+            batch = data_lib.make_global_batch({"image": local["image"]}, mesh)
+            if grid_batch is None:
+                grid_batch = batch["image"][: config.num_grid_images]
+            hparams = _hparams(stage, step - stage.start)
+            step_rng = jax.random.fold_in(jax.random.fold_in(rng, 2), step)
+            state, metrics = jit_step(state, frozen, batch, step_rng, hparams)
+            if pending is not None:
+                _check_finite(pending, last_good, ckpt)
+            pending = (step, metrics)
+            step += 1
+            n_since += 1
+            if pbar is not None:
+                pbar.update(1)
+            if step % config.log_every_steps == 0 or step == total_steps:
+                _check_finite(pending, last_good, ckpt)
+                m = jax.device_get(metrics)
+                dt = time.perf_counter() - t0
+                m["train/steps_per_s"] = n_since / dt
+                m["train/images_per_s"] = n_since * config.global_batch_size / dt
+                m["train/lr"] = config.optim.lr
+                m["train/skipped_images"] = data_lib.skipped_count()
+                writer.scalars(step, m)
+                if pbar is not None:
+                    pbar.set_postfix(
+                        loss=f"{m['train/total_loss']:.4f}", img_s=f"{m['train/images_per_s']:.1f}"
+                    )
+                t0, n_since = time.perf_counter(), 0
+            if step % config.image_every_steps == 0 or step == total_steps:
+                _write_grid(gen_def, state, grid_batch, writer, workdir_path, step)
+            if stop_after_steps is not None and step - start_step >= stop_after_steps:
+                stop["signal"] = signal.SIGTERM
+            if step % config.checkpoint_every_steps == 0 or step == total_steps or stop["signal"]:
+                _check_finite(pending, last_good, ckpt)
+                ckpt.save(
+                    step, state, data_iterator=train_iter, config=config.to_dict(), force=True
+                )
+                last_good = step
+            if stop["signal"]:
+                log.warning(
+                    "stopped by signal %d at step %d; checkpoint saved", stop["signal"], step
+                )
+                break
+    finally:
+        ckpt.close()
+        writer.close()
+        if pbar is not None:
+            pbar.close()
+        signal.signal(signal.SIGTERM, old_handler)
+    return {"step": step, "state": state, "workdir": str(workdir_path)}
+
+
+def _hparams(stage: Stage, stage_step: int) -> dict[str, jax.Array]:
+    return dict(
+        vf_weight=jnp.float32(stage.vf_weight),
+        distmat_margin=jnp.float32(stage.distmat_margin),
+        cos_margin=jnp.float32(stage.cos_margin),
+        disc_start=jnp.int32(stage.disc_start),
+        stage_step=jnp.int32(stage_step),
+    )
+
+
+def make_optimizer(lr: float, optim) -> optax.GradientTransformation:
+    """torch.optim.Adam(lr, betas=(b1, b2), eps) as the reference; optional global-norm clip."""
+    tx = optax.adam(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
+    if optim.grad_clip_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), tx)
+    return tx
+
+
+def _check_finite(pending, last_good, ckpt) -> None:
+    step, metrics = pending
+    loss = float(metrics["train/total_loss"])
+    norm = float(metrics["train/param_norm_g"])
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        ckpt.wait()
+        where = (
+            f"the last good checkpoint is step {last_good} in {ckpt.directory}"
+            if last_good is not None
+            else "no checkpoint was written yet"
+        )
+        raise TrainingDivergedError(
+            f"loss {loss}, parameter norm {norm} after step {step + 1}; training stopped without saving the "
+            f"diverged state; {where}. Lower the learning rate or check the data."
+        )
+
+
+def _progress(config, start, total):
+    if not config.progress_bar or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="vavae", unit="step", dynamic_ncols=True)
+
+
+def _write_grid(gen_def, state, images, writer, workdir_path, step) -> None:
+    gen = nnx.merge(gen_def, state.get("ema", state["gen"]), state["gen_rest"])
+    rec = _reconstruct(gen.autoencoder, images)
+    grid = image_grid([np.asarray(images), np.asarray(rec)])
+    writer.image(step, "reconstructions", grid)
+    if jax.process_index() == 0:
+        save_png(workdir_path / "samples" / f"recon_{step:07d}.png", grid)
+
+
+@nnx.jit
+def _reconstruct(ae, images):
+    return ae.decode(ae.encode(images).mode())
+
+
+def init_generator_from(gen: Generator, path: str, ae_cfg) -> None:
+    """Loads autoencoder (and VF projection) weights from an official `.pt` or our export."""
+    from vavae_jax import convert
+
+    convert.load_into_generator(gen, path, ae_cfg)
