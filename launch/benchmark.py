@@ -115,17 +115,214 @@ def bench_vae_codec(args, peak):
         x = jax.random.uniform(jax.random.key(1), (b, 256, 256, 3), jnp.float32, -1, 1)
         z = jax.random.normal(jax.random.key(2), (b, 16, 16, 32), jnp.float32)
 
-        def enc(state, x):
+        def enc(state, x, gdef=gdef):
             return nnx.merge(gdef, state).encode(x).mean
 
-        def dec(state, z):
+        def dec(state, z, gdef=gdef):
             return nnx.merge(gdef, state).decode(z)
 
         record(f"vae_encode_{dtype}", b, timeit(enc, (state, x), args.iters), peak)
         record(f"vae_decode_{dtype}", b, timeit(dec, (state, z), args.iters), peak)
 
 
-CASES = {"vae_codec": bench_vae_codec}
+def bench_vae_train(args, peak):
+    """The full VA-VAE step: autoencoder + LPIPS + PatchGAN + DINOv2-large teacher, both
+    optimizers, both adaptive weights (random weights; bf16 compute, f32 parameters)."""
+    import dataclasses
+
+    import optax
+
+    from vavae_jax import discriminator as disc_lib
+    from vavae_jax import foundation
+    from vavae_jax import lpips as lpips_lib
+    from vavae_jax.model import PRESETS
+    from vavae_jax.train_step import Generator, StepConfig, make_train_step
+
+    for dtype in args.vae_train_dtypes.split(","):
+        cdt = jnp.dtype(dtype)
+        ae_cfg = dataclasses.replace(PRESETS["f16d32"], dtype=dtype)
+        tcfg = dataclasses.replace(foundation.PRESETS["dinov2-large"], dtype=dtype)
+        teacher = foundation.DinoV2Teacher(foundation.Dinov2Model(tcfg, rngs=nnx.Rngs(3)))
+        lp = lpips_lib.LPIPS(dtype, rngs=nnx.Rngs(4))
+        gen = Generator(ae_cfg, teacher.feature_dim, 0.0, rngs=nnx.Rngs(1))
+        disc = disc_lib.NLayerDiscriminator(
+            disc_lib.DiscriminatorConfig(dtype=dtype), rngs=nnx.Rngs(2)
+        )
+        gdef, P, rest = nnx.split(gen, nnx.Param, ...)
+        ddef, dP, dS = nnx.split(disc, nnx.Param, nnx.BatchStat)
+        tx = optax.adam(1e-4, b1=0.5, b2=0.9)
+        cfg = StepConfig(
+            kl_weight=1e-6, perceptual_weight=1.0, disc_factor=1.0, disc_weight=0.5,
+            disc_loss="hinge", adaptive_vf=True, distmat_weight=1.0, cos_weight=1.0,
+            use_vf=True, train_logvar=False, lpips_dropout=True, ema_decay=None,
+            compute_dtype=cdt,
+        )
+        lp_def, t_def = nnx.graphdef(lp), nnx.graphdef(teacher)
+        step = make_train_step(
+            gdef, ddef,
+            lambda f, a, b, r, d=lp_def: nnx.merge(d, f["lpips"])(a, b, dropout_rng=r),
+            lambda f, a, d=t_def: nnx.merge(d, f["teacher"])(a),
+            tx, tx, cfg,
+        )
+        frozen = dict(lpips=nnx.state(lp), teacher=nnx.state(teacher))
+        state = dict(gen=P, gen_rest=rest, disc=dP, disc_stats=dS, opt_g=tx.init(P),
+                     opt_d=tx.init(dP), step=jnp.int32(0))
+        hp = dict(vf_weight=jnp.float32(0.1), distmat_margin=jnp.float32(0.25),
+                  cos_margin=jnp.float32(0.5), disc_start=jnp.int32(5001),
+                  stage_step=jnp.int32(10000))  # GAN on: the full step
+        for b in [int(v) for v in args.vae_train_batches.split(",")]:
+            x = jax.random.uniform(jax.random.key(0), (b, 256, 256, 3), jnp.float32, -1, 1)
+            fn = jax.jit(step, donate_argnums=(0,))
+            args_ = (state, frozen, {"image": x}, jax.random.key(1), hp)
+            t = time.perf_counter()
+            compiled = fn.lower(*args_).compile()
+            compile_s = time.perf_counter() - t
+            times = []
+            st = jax.tree.map(jnp.copy, state)
+            for i in range(3 + args.iters // 2):
+                t = time.perf_counter()
+                st, m = compiled(st, frozen, {"image": x}, jax.random.key(i), hp)
+                jax.block_until_ready(m)
+                if i >= 3:
+                    times.append(time.perf_counter() - t)
+            r = dict(compile_s=compile_s, median_s=statistics.median(times), min_s=min(times),
+                     flops=None)
+            record(f"vae_train_{dtype}", b, r, peak, loss=float(m["train/total_loss"]))
+            del st
+
+
+def _dit_state(preset, dtype, remat):
+    import dataclasses
+
+    import optax
+
+    from lightningdit_jax.model import PRESETS, LightningDiT
+
+    cfg = dataclasses.replace(PRESETS[preset], dtype=dtype, remat_policy=remat)
+    model = LightningDiT(cfg, rngs=nnx.Rngs(0))
+    gdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optax.adamw(2e-4, b1=0.9, b2=0.95, weight_decay=0.0)
+    return cfg, gdef, params, rest, tx
+
+
+def bench_dit_train(args, peak):
+    """LightningDiT train step: rectified-flow loss (lognorm t, cosine), AdamW, EMA 0.9999."""
+
+
+    for spec in args.dit_train.split(";"):
+        try:
+            _dit_train_case(args, peak, spec)
+        except jax.errors.JaxRuntimeError as e:  # one case out of memory: say so, go on
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            print(f"  {spec}: out of memory", flush=True)
+            RESULTS.append(dict(case=f"dit_train {spec}", error="out of memory"))
+
+
+def _dit_train_case(args, peak, spec):
+    import optax
+
+    from lightningdit_jax import transport as tr
+
+    if True:
+        preset, b, dtype, remat = spec.split(",")
+        b = int(b)
+        cfg, gdef, params, rest, tx = _dit_state(preset, dtype, remat)
+        state = dict(params=params, ema=jax.tree.map(jnp.copy, params), opt=tx.init(params))
+
+        def step(state, x1, y, rng, gdef=gdef, rest=rest, tx=tx):
+            def loss_fn(p):
+                model = nnx.merge(gdef, p, rest)
+                return tr.training_loss(model, x1, y, rng)
+
+            (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+            updates, opt = tx.update(grads, state["opt"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+            ema = optax.incremental_update(params, state["ema"], 1.0 - 0.9999)
+            return dict(params=params, ema=ema, opt=opt), loss
+
+        shape = (b, cfg.input_size, cfg.input_size, cfg.in_channels)
+        x1 = jax.random.normal(jax.random.key(1), shape, jnp.float32)
+        y = jax.random.randint(jax.random.key(2), (b,), 0, 1000)
+        fn = jax.jit(step, donate_argnums=(0,))
+        t = time.perf_counter()
+        compiled = fn.lower(state, x1, y, jax.random.key(0)).compile()
+        compile_s = time.perf_counter() - t
+        flops = None
+        try:
+            flops = float(compiled.cost_analysis().get("flops", 0.0)) or None
+        except Exception:  # noqa: BLE001
+            pass
+        times = []
+        for i in range(3 + args.iters):
+            t = time.perf_counter()
+            state, loss = compiled(state, x1, y, jax.random.key(i))
+            jax.block_until_ready(loss)
+            if i >= 3:
+                times.append(time.perf_counter() - t)
+        # XLA counts a scanned body once: use the analytic count (3x forward) for MFU.
+        fwd = _dit_forward_flops(cfg)
+        r = dict(compile_s=compile_s, median_s=statistics.median(times), min_s=min(times),
+                 flops=3 * fwd * b)
+        record(f"dit_train_{preset}_{dtype}_remat-{remat}", b, r, peak, xla_flops=flops)
+        del state
+
+
+def _dit_forward_flops(cfg) -> float:
+    """Matmul FLOPs of one forward per image (2 per multiply-add): attention projections, QK^T,
+    AV, MLP; embeddings and adaLN included."""
+    n = (cfg.input_size // cfg.patch_size) ** 2
+    d = cfg.hidden_size
+    if cfg.use_swiglu:
+        h = int(2 / 3 * cfg.mlp_ratio * d)
+        mlp = 3 * d * h
+    else:
+        mlp = 2 * d * int(cfg.mlp_ratio * d)
+    per_block = n * (4 * d * d + mlp) + 2 * n * n * d + 6 * d * d
+    return 2.0 * (cfg.depth * per_block + n * cfg.in_channels * cfg.patch_size**2 * d)
+
+
+def bench_dit_sample(args, peak):
+    """XL/1 sampling: Euler ODE, 250 steps, CFG with interval, shift 0.3 (reference settings)."""
+    from lightningdit_jax import sampling
+    from lightningdit_jax.model import LightningDiT
+
+    b = args.sample_batch
+    cfg, *_ = _dit_state(args.sample_preset, args.sample_dtype, "none")
+    model = LightningDiT(cfg, rngs=nnx.Rngs(0))
+    gdef, st = nnx.split(model)
+    shape = (b, cfg.input_size, cfg.input_size, cfg.in_channels)
+    z0 = jax.random.normal(jax.random.key(1), shape, jnp.float32)
+    y = jax.random.randint(jax.random.key(2), (b,), 0, 1000)
+
+    def run(st, z0, y, num_steps):  # sample_ode jits itself; num_steps is traced inside
+        return sampling.sample_ode(nnx.merge(gdef, st), z0, y, num_steps=num_steps,
+                                   timestep_shift=0.3, cfg_scale=10.0, cfg_interval_start=0.1)
+
+    for steps in (args.sample_steps,):
+        t = time.perf_counter()
+        jax.block_until_ready(run(st, z0, y, 11))  # compile + warm-up (steps are traced)
+        compile_s = time.perf_counter() - t
+        times = []
+        for _ in range(2):
+            t = time.perf_counter()
+            jax.block_until_ready(run(st, z0, y, steps))
+            times.append(time.perf_counter() - t)
+        fwd = _dit_forward_flops(cfg)
+        # model evaluations: steps-1 Euler steps; t < 0.1 runs B, the rest 2B (CFG)
+        r = dict(compile_s=compile_s, median_s=statistics.median(times), min_s=min(times),
+                 flops=None)
+        name = args.sample_preset.replace("/", "")
+        record(f"dit_sample_{name}_{steps}steps_cfg_{args.sample_dtype}", b, r, peak,
+               fwd_flops_per_img=fwd)
+
+
+CASES = {
+    "vae_codec": bench_vae_codec,
+    "vae_train": bench_vae_train,
+    "dit_train": bench_dit_train,
+    "dit_sample": bench_dit_sample,
+}
 
 
 def main():
@@ -134,6 +331,14 @@ def main():
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--vae_batch", type=int, default=64)
     p.add_argument("--vae_dtypes", default="bfloat16,float32")
+    p.add_argument("--vae_train_dtypes", default="bfloat16")
+    p.add_argument("--vae_train_batches", default="8,32")
+    p.add_argument("--dit_train", default="XL/1,64,bfloat16,none;B/1,256,bfloat16,none",
+                   help="';'-separated preset,batch,dtype,remat cases")
+    p.add_argument("--sample_batch", type=int, default=128)
+    p.add_argument("--sample_preset", default="XL/1")
+    p.add_argument("--sample_steps", type=int, default=250)
+    p.add_argument("--sample_dtype", default="bfloat16")
     p.add_argument("--out", default="benchmark.json")
     args = p.parse_args()
     dev = jax.devices()[0]

@@ -209,8 +209,11 @@ class Transport:
 
 def cosine_similarity(a, b, axis: int = -1, eps: float = 1e-8):
     """torch.nn.functional.cosine_similarity: each vector divided by max(norm, eps)."""
-    na = jnp.maximum(jnp.linalg.norm(a, axis=axis, keepdims=True), eps)
-    nb = jnp.maximum(jnp.linalg.norm(b, axis=axis, keepdims=True), eps)
+    # Clamp the squared norm before the square root: the same values as max(norm, eps), and a
+    # finite gradient at a zero vector (jnp.linalg.norm's is NaN there), which is exactly where a
+    # freshly initialised LightningDiT starts (its output layer is zero).
+    na = jnp.sqrt(jnp.maximum(jnp.sum(a * a, axis=axis, keepdims=True), eps * eps))
+    nb = jnp.sqrt(jnp.maximum(jnp.sum(b * b, axis=axis, keepdims=True), eps * eps))
     return jnp.sum((a / na) * (b / nb), axis=axis)
 
 

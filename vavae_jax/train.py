@@ -29,7 +29,7 @@ from vavae_jax import model as model_lib
 from vavae_jax.runtime import checkpoint as ckpt_lib
 from vavae_jax.runtime import sharding
 from vavae_jax.runtime.logging import MetricWriter, image_grid, save_png
-from vavae_jax.train_step import StepConfig, make_train_step
+from vavae_jax.train_step import Generator, StepConfig, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -41,35 +41,6 @@ class TrainingDivergedError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
-class Generator(nnx.Module):
-    """Everything the generator optimizer updates: the autoencoder, the VF reverse projection
-    (reference `linear_proj`, a bias-free 1x1 conv z -> teacher width) and the nll `logvar`."""
-
-    def __init__(
-        self,
-        ae_config: model_lib.AutoencoderConfig,
-        teacher_dim: int | None,
-        logvar_init: float,
-        *,
-        rngs: nnx.Rngs,
-    ):
-        self.autoencoder = model_lib.AutoencoderKL(ae_config, rngs=rngs)
-        if teacher_dim is not None:
-            self.linear_proj = nnx.Conv(
-                ae_config.embed_dim,
-                teacher_dim,
-                (1, 1),
-                use_bias=False,
-                dtype=jnp.dtype(ae_config.dtype),
-                param_dtype=jnp.float32,
-                kernel_init=nnx.with_partitioning(
-                    nnx.initializers.lecun_normal(), model_lib.CONV_AXES
-                ),
-                rngs=rngs,
-            )
-        self.logvar = nnx.Param(jnp.full((), logvar_init, jnp.float32))
-
-
 def compute_dtype(config) -> jnp.dtype:
     if config.dtype == "auto":
         return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32

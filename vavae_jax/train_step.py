@@ -33,6 +33,7 @@ import optax
 from flax import nnx
 
 from vavae_jax import losses
+from vavae_jax import model as model_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,35 @@ class StepConfig:
     lpips_dropout: bool
     ema_decay: float | None
     compute_dtype: Any
+
+
+class Generator(nnx.Module):
+    """Everything the generator optimizer updates: the autoencoder, the VF reverse projection
+    (reference `linear_proj`, a bias-free 1x1 conv z -> teacher width) and the nll `logvar`."""
+
+    def __init__(
+        self,
+        ae_config: model_lib.AutoencoderConfig,
+        teacher_dim: int | None,
+        logvar_init: float,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        self.autoencoder = model_lib.AutoencoderKL(ae_config, rngs=rngs)
+        if teacher_dim is not None:
+            self.linear_proj = nnx.Conv(
+                ae_config.embed_dim,
+                teacher_dim,
+                (1, 1),
+                use_bias=False,
+                dtype=jnp.dtype(ae_config.dtype),
+                param_dtype=jnp.float32,
+                kernel_init=nnx.with_partitioning(
+                    nnx.initializers.lecun_normal(), model_lib.CONV_AXES
+                ),
+                rngs=rngs,
+            )
+        self.logvar = nnx.Param(jnp.full((), logvar_init, jnp.float32))
 
 
 def _tree_add(*trees):

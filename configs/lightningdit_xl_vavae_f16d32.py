@@ -1,0 +1,132 @@
+"""LightningDiT on VA-VAE f16d32 latents: the reference's configs/lightningdit_xl_vavae_f16d32.yaml.
+
+Launch (latents first: launch/extract_latents.py writes data_dir):
+  python launch/train.py --config=configs/lightningdit_xl_vavae_f16d32.py \
+      --workdir=runs/lightningdit_xl --config.data.data_dir=/data/imagenet_latents \
+      --config.tokenizer.path=runs/vavae_export
+Variants (comma-separated after a colon; `small` may be combined with any):
+  configs/lightningdit_xl_vavae_f16d32.py          XL/1, 80k steps at batch 1024 (64 epochs)
+  configs/lightningdit_xl_vavae_f16d32.py:B/1      any preset of lightningdit_jax.model.PRESETS
+  configs/lightningdit_xl_vavae_f16d32.py:800ep    the 800-epoch run (1M steps; sample cfg 6.7)
+  configs/lightningdit_xl_vavae_f16d32.py:small    a tiny model at CPU size
+Every field can be overridden with --config.a.b=value; mistyped names fail (lock_config=True).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def _parse(arg: str | None) -> tuple[str, dict[str, bool]]:
+    from lightningdit_jax.model import PRESETS
+
+    flags = {"800ep": False, "small": False}
+    model = "XL/1"
+    for part in filter(None, (arg or "").split(",")):
+        if part in flags:
+            flags[part] = True
+        elif part in PRESETS:
+            model = part
+        else:
+            raise ValueError(
+                f"unknown variant {part!r} in {arg!r}; expected a model of {sorted(PRESETS)} "
+                f"and/or any of {sorted(flags)}"
+            )
+    return model, flags
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    model, v = _parse(arg)
+    c = ml_collections.ConfigDict()
+    c.trainer = "lightningdit"
+    c.variant = arg or ""
+    c.seed = 0  # reference train.global_seed
+
+    # --- the model (reference model: section; the switches are the preset's) --------------------
+    c.model = ml_collections.ConfigDict(
+        dict(
+            preset=model,  # reference model_type LightningDiT-XL/1
+            class_dropout_prob=0.1,  # label dropout for classifier-free guidance
+            remat_policy="none",
+            scan_unroll=1,
+            attention_impl="",  # "" = let JAX choose; "cudnn"; "xla"
+        )
+    )
+    c.dtype = "auto"  # compute dtype: bfloat16 on GPU/TPU, float32 on CPU; parameters float32
+
+    # --- transport (reference transport: section) --------------------------------------------
+    c.transport = ml_collections.ConfigDict(
+        dict(
+            path_type="Linear",
+            prediction="velocity",
+            use_cosine_loss=True,
+            use_lognorm=True,
+        )
+    )
+
+    # --- optimisation: AdamW(lr 2e-4, betas (0.9, 0.95), weight decay 0) ------------------------
+    c.optim = ml_collections.ConfigDict(
+        dict(lr=2.0e-4, b1=0.9, b2=0.95, eps=1.0e-8, weight_decay=0.0, grad_clip_norm=0.0)
+    )
+    c.ema = ml_collections.ConfigDict(dict(decay=0.9999))
+    c.global_batch_size = 1024
+    c.total_steps = 80_000  # 64 epochs of ImageNet at batch 1024
+    if v["800ep"]:
+        c.total_steps = 1_000_000  # ~800 epochs
+
+    # --- data: latent shards of launch/extract_latents.py ----------------------------------------
+    c.data = ml_collections.ConfigDict(
+        dict(
+            data_dir="",
+            latent_norm=True,
+            latent_multiplier=1.0,
+            random_flip=True,
+            worker_count=8,
+            worker_buffer_size=2,
+        )
+    )
+    # The tokenizer the latents came from; recorded in the checkpoint so that sampling decodes
+    # with the same VA-VAE (path: our export folder or a vavae trainer workdir; config: a
+    # configs/vavae_f16d32.py variant string describing its architecture).
+    c.tokenizer = ml_collections.ConfigDict(dict(path="", config="vavae_f16d32.py"))
+
+    # --- sampling defaults (reference sample: section; used for grids and launch/sample.py) ----
+    c.sample = ml_collections.ConfigDict(
+        dict(
+            num_steps=250,
+            timestep_shift=0.3,
+            cfg_scale=6.7 if v["800ep"] else 10.0,
+            cfg_interval_start=0.125 if v["800ep"] else 0.11,
+            cfg_channels="first3",
+        )
+    )
+
+    # --- devices -------------------------------------------------------------------------------
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    c.sharding = "fsdp"  # "dp" replicates; "fsdp" splits the embed axis over mesh.fsdp
+
+    # --- checkpoints and logging (reference log_every 100, ckpt_every 20000) ------------------
+    c.checkpoint_every_steps = 20_000
+    c.keep_checkpoints = 3
+    c.log_every_steps = 100
+    c.image_every_steps = 10_000
+    c.num_grid_images = 8
+    c.grid_sample_steps = 50  # fewer ODE steps for the in-training grid than for FID
+    c.progress_bar = True
+
+    if v["small"]:
+        _shrink(c)
+    return c
+
+
+def _shrink(c: ml_collections.ConfigDict) -> None:
+    """The same job at CPU size: the tiny preset (8x8x8 latents, 10 classes)."""
+    c.model.preset = "tiny"
+    c.global_batch_size = 16
+    c.total_steps = 200
+    c.data.worker_count = 0
+    c.checkpoint_every_steps = 100
+    c.log_every_steps = 10
+    c.image_every_steps = 100
+    c.grid_sample_steps = 10
+    c.num_grid_images = 4

@@ -1,0 +1,401 @@
+"""The LightningDiT trainer: `run(config, workdir)`, behind `launch/train.py`.
+
+Reference: LightningDiT `train.py` (AdamW, EMA 0.9999 initialised to the model, optional grad
+clipping, the transport's loss). Phases: (1) mesh and latents, (2) the model created already
+sharded, (3) resume or initialise, (4) one jitted, sharded step per iteration with logging, sample
+grids, checkpoints and a clean stop on SIGTERM or NaN. See configs/lightningdit_xl_vavae_f16d32.py.
+
+Every checkpoint carries `meta`: the latent stats (mean, std, multiplier) the model was trained
+on and the tokenizer reference, so that sampling de-normalises with the right numbers (reference
+issue #34) and decodes with the right VA-VAE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from lightningdit_jax import data as data_lib
+from lightningdit_jax import model as model_lib
+from lightningdit_jax import sampling
+from lightningdit_jax import transport as transport_lib
+from vavae_jax.data import make_global_batch
+from vavae_jax.runtime import checkpoint as ckpt_lib
+from vavae_jax.runtime import sharding
+from vavae_jax.runtime.logging import MetricWriter, image_grid, save_png
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(RuntimeError):
+    pass
+
+
+def compute_dtype(config) -> str:
+    if config.dtype == "auto":
+        return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
+    return config.dtype
+
+
+def model_config(config, latent_shape=None) -> model_lib.LightningDiTConfig:
+    """The preset with the config's overrides; `latent_shape` [h, w, C] checks the data fits."""
+    m = config.model
+    if m.preset not in model_lib.PRESETS:
+        raise ValueError(f"model.preset={m.preset!r}: expected one of {sorted(model_lib.PRESETS)}")
+    cfg = dataclasses.replace(
+        model_lib.PRESETS[m.preset],
+        class_dropout_prob=m.class_dropout_prob,
+        remat_policy=m.remat_policy,
+        scan_unroll=m.scan_unroll,
+        attention_impl=m.attention_impl or None,
+        dtype=compute_dtype(config),
+    )
+    if latent_shape is not None:
+        h, w, c = latent_shape
+        if (h, w, c) != (cfg.input_size, cfg.input_size, cfg.in_channels):
+            raise ValueError(
+                f"the latents are {h}x{w}x{c} but model {m.preset} expects "
+                f"{cfg.input_size}x{cfg.input_size}x{cfg.in_channels}: use latents of the "
+                f"matching tokenizer or another preset"
+            )
+    return cfg
+
+
+def make_transport(config) -> transport_lib.Transport:
+    t = config.transport
+    return transport_lib.Transport(
+        path_type=t.path_type,
+        prediction=t.prediction,
+        use_cosine_loss=t.use_cosine_loss,
+        use_lognorm=t.use_lognorm,
+    )
+
+
+def make_optimizer(optim) -> optax.GradientTransformation:
+    """torch.optim.AdamW(lr, betas=(b1, b2), weight_decay) as the reference; optional clipping
+    (reference `accelerator.clip_grad_norm_(..., max_grad_norm)`)."""
+    tx = optax.adamw(
+        optim.lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay
+    )
+    if optim.grad_clip_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), tx)
+    return tx
+
+
+def make_train_step(graphdef, tx, transport, ema_decay: float):
+    """(state, batch, rng) -> (state, metrics): loss, AdamW update, EMA update."""
+
+    def step(state, batch, rng):
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, state["rest"])
+            return transport_lib.training_loss(
+                model, batch["latent"], batch["label"], rng, transport=transport, train=True
+            )
+
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        # Reference update_ema: ema = decay * ema + (1 - decay) * param.
+        ema = jax.tree.map(lambda e, p: e * ema_decay + p * (1 - ema_decay), state["ema"], params)
+        metrics = {f"train/{k}": v for k, v in terms.items()}
+        metrics["train/grad_norm"] = optax.tree.norm(grads)
+        metrics["train/param_norm"] = optax.tree.norm(params)
+        new_state = dict(state, params=params, opt=opt, ema=ema, step=state["step"] + 1)
+        return new_state, metrics
+
+    return step
+
+
+def build_meta(config, stats, index) -> dict[str, Any]:
+    """What sampling needs besides the weights: how to de-normalise and which VA-VAE decodes."""
+    return dict(
+        latent_norm=bool(config.data.latent_norm),
+        latent_multiplier=float(config.data.latent_multiplier),
+        latent_mean=[float(x) for x in stats["mean"]],
+        latent_std=[float(x) for x in stats["std"]],
+        latent_shape=list(index["shape"][1:]),
+        tokenizer=dict(
+            path=config.tokenizer.path or index.get("tokenizer", {}).get("path", ""),
+            config=config.tokenizer.config or index.get("tokenizer", {}).get("config", ""),
+        ),
+        model_preset=config.model.preset,
+    )
+
+
+def validate_config(config) -> None:
+    n_dev = jax.device_count()
+    if config.global_batch_size % n_dev:
+        raise ValueError(
+            f"global_batch_size={config.global_batch_size} is not divisible by the {n_dev} "
+            f"devices; use a multiple of {n_dev}"
+        )
+    if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype={config.dtype!r}: expected auto, float32, bfloat16 or float16")
+
+
+# ---------------------------------------------------------------------------------------------
+# Run
+# ---------------------------------------------------------------------------------------------
+def run(
+    config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: int | None = None
+) -> dict[str, Any]:
+    """Trains (or resumes) in `workdir`. `stop_after_steps` stops this invocation after that
+    many steps exactly as SIGTERM does (checkpoint, then return): preemption on demand."""
+    validate_config(config)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    workdir_path = ckpt_lib.as_path(workdir)
+    rng = jax.random.key(config.seed)
+
+    # ---- data --------------------------------------------------------------------------------
+    stats = data_lib.load_stats(config.data.data_dir)
+    train_iter, index = data_lib.make_train_iterator(
+        config.data, config.global_batch_size, config.seed, stats=stats
+    )
+    meta = build_meta(config, stats, index)
+    total_steps = int(config.total_steps)
+    log.info(
+        "mesh %s; %d latent records %s; %d steps",
+        dict(mesh.shape),
+        train_iter.num_records,
+        index["shape"],
+        total_steps,
+    )
+
+    # ---- model -------------------------------------------------------------------------------
+    mcfg = model_config(config, tuple(index["shape"][1:]))
+    model = sharding.create_sharded(
+        lambda: model_lib.LightningDiT(mcfg, rngs=nnx.Rngs(jax.random.fold_in(rng, 1))),
+        mesh,
+        config.sharding,
+    )
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = make_optimizer(config.optim)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = dict(
+        params=params,
+        rest=rest,
+        opt=sharding.optimizer_init_sharded(tx, params, mesh),
+        ema=jax.tree.map(jnp.copy, params),  # reference: update_ema(ema, model, decay=0)
+        step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+    )
+
+    # ---- resume ------------------------------------------------------------------------------
+    ckpt = ckpt_lib.Checkpointer(workdir_path / "checkpoints", max_to_keep=config.keep_checkpoints)
+    start_step = 0
+    if ckpt.latest_step() is not None:
+        restored = ckpt.restore(None, ckpt_lib.abstract_like(state), data_iterator=train_iter)
+        state = restored["state"]
+        start_step = int(state["step"])
+        log.info("resumed from step %d in %s", start_step, ckpt.directory)
+    else:
+        ckpt_lib.save_json(workdir_path / "config.json", config.to_dict())
+
+    # ---- the step ----------------------------------------------------------------------------
+    step_fn = make_train_step(graphdef, tx, make_transport(config), config.ema.decay)
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    shape = tuple(index["shape"][1:])
+    batch_sh = {
+        "latent": sharding.batch_sharding(mesh, 1 + len(shape)),
+        "label": sharding.batch_sharding(mesh, 1),
+    }
+    jit_step = jax.jit(
+        step_fn,
+        in_shardings=(state_sh, batch_sh, replicated),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=(0,),
+    )
+
+    # ---- loop --------------------------------------------------------------------------------
+    writer = MetricWriter(workdir_path / "logs")
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+        log.warning("received signal %d: saving a checkpoint after the current step", signum)
+
+    old_handler = signal.signal(signal.SIGTERM, on_signal)
+    last_good = ckpt.latest_step()
+    pending = None  # (step, metrics) of the previous step, checked one step late: no host stall
+    pbar = _progress(config, start_step, total_steps)
+    t0, n_since = time.perf_counter(), 0
+    step = start_step
+    try:
+        while step < total_steps:
+            batch = make_global_batch(next(train_iter), mesh, batch_sh)
+            step_rng = jax.random.fold_in(jax.random.fold_in(rng, 2), step)
+            state, metrics = jit_step(state, batch, step_rng)
+            if pending is not None:
+                _check_finite(pending, last_good, ckpt)
+            pending = (step, metrics)
+            step += 1
+            n_since += 1
+            if pbar is not None:
+                pbar.update(1)
+            if step % config.log_every_steps == 0 or step == total_steps:
+                _check_finite(pending, last_good, ckpt)
+                m = jax.device_get(metrics)
+                dt = time.perf_counter() - t0
+                m["train/steps_per_s"] = n_since / dt
+                m["train/images_per_s"] = n_since * config.global_batch_size / dt
+                m["train/lr"] = config.optim.lr
+                writer.scalars(step, m)
+                if pbar is not None:
+                    pbar.set_postfix(
+                        loss=f"{m['train/loss']:.4f}", img_s=f"{m['train/images_per_s']:.1f}"
+                    )
+                t0, n_since = time.perf_counter(), 0
+            if step % config.image_every_steps == 0 or step == total_steps:
+                _write_grid(config, graphdef, state, mcfg, meta, writer, workdir_path, step)
+            if stop_after_steps is not None and step - start_step >= stop_after_steps:
+                stop["signal"] = signal.SIGTERM
+            if step % config.checkpoint_every_steps == 0 or step == total_steps or stop["signal"]:
+                _check_finite(pending, last_good, ckpt)
+                ckpt.save(
+                    step,
+                    state,
+                    data_iterator=train_iter,
+                    config=config.to_dict(),
+                    meta=meta,
+                    force=True,
+                )
+                last_good = step
+            if stop["signal"]:
+                log.warning(
+                    "stopped by signal %d at step %d; checkpoint saved", stop["signal"], step
+                )
+                break
+    finally:
+        ckpt.close()
+        writer.close()
+        if pbar is not None:
+            pbar.close()
+        signal.signal(signal.SIGTERM, old_handler)
+    return {"step": step, "state": state, "meta": meta, "workdir": str(workdir_path)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a run back (launch/sample.py)
+# ---------------------------------------------------------------------------------------------
+def load_meta(workdir: str, step: int | None = None) -> dict[str, Any]:
+    """The checkpoint's meta: latent stats, multiplier, tokenizer reference, preset."""
+    import orbax.checkpoint as ocp
+
+    ckpt = ckpt_lib.Checkpointer(ckpt_lib.as_path(workdir) / "checkpoints", async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no LightningDiT checkpoint in {ckpt.directory}")
+        if "meta" not in ckpt.item_names(step):
+            raise ValueError(f"checkpoint step {step} in {ckpt.directory} has no meta item")
+        out = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"], step=int(step))
+    finally:
+        ckpt.close()
+
+
+def load_ema_model(workdir: str, mesh, *, step: int | None = None, dtype: str | None = None):
+    """(EMA LightningDiT with sharded weights, meta, config) from a trainer workdir."""
+    path = ckpt_lib.as_path(workdir)
+    config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
+    if dtype is not None:
+        config.dtype = dtype
+    meta = load_meta(workdir, step)
+    mcfg = model_config(config, tuple(meta["latent_shape"]))
+    abstract = nnx.eval_shape(lambda: model_lib.LightningDiT(mcfg, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    shardings = sharding.state_shardings(nnx.state(abstract), mesh, config.sharding)
+    p_sh, r_sh = nnx.split_state(shardings, nnx.Param, ...)
+    tx = make_optimizer(config.optim)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def sds(x, sh):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+
+    p_abs = jax.tree.map(sds, params, p_sh)
+    # Moments sharded like their parameters (as sharding.optimizer_init_sharded makes them).
+    opt_abs = optax.tree_map_params(
+        tx,
+        lambda x, sh: sds(x, sh),
+        jax.eval_shape(tx.init, params),
+        p_sh,
+        transform_non_params=lambda x: sds(x, replicated),
+    )
+    abstract_state = dict(
+        params=p_abs,
+        rest=jax.tree.map(sds, rest, r_sh),
+        opt=opt_abs,
+        ema=p_abs,
+        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+    )
+    ckpt = ckpt_lib.Checkpointer(path / "checkpoints", async_save=False)
+    try:
+        state = ckpt.restore(meta["step"], abstract_state)["state"]
+    finally:
+        ckpt.close()
+    return nnx.merge(graphdef, state["ema"], state["rest"]), meta, config
+
+
+def _check_finite(pending, last_good, ckpt) -> None:
+    step, metrics = pending
+    loss = float(metrics["train/loss"])
+    norm = float(metrics["train/param_norm"])
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        ckpt.wait()
+        where = (
+            f"the last good checkpoint is step {last_good} in {ckpt.directory}"
+            if last_good is not None
+            else "no checkpoint was written yet"
+        )
+        raise TrainingDivergedError(
+            f"loss {loss}, parameter norm {norm} after step {step + 1}; training stopped without "
+            f"saving the diverged state; {where}. Lower the learning rate or check the data."
+        )
+
+
+def _progress(config, start, total):
+    if not config.progress_bar or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="lightningdit", unit="step", dynamic_ncols=True)
+
+
+def _write_grid(config, graphdef, state, mcfg, meta, writer, workdir_path, step) -> None:
+    """EMA samples of the first classes, shown as their first 3 de-normalised latent channels
+    (decoding needs the tokenizer: launch/sample.py writes decoded grids)."""
+    n = config.num_grid_images
+    ema = nnx.merge(graphdef, state["ema"], state["rest"])
+    z0 = jax.random.normal(
+        jax.random.key(step), (n, mcfg.input_size, mcfg.input_size, mcfg.in_channels)
+    )
+    y = jnp.arange(n, dtype=jnp.int32) % mcfg.num_classes
+    s = config.sample
+    x = sampling.sample_ode(
+        ema,
+        z0,
+        y,
+        num_steps=config.grid_sample_steps,
+        timestep_shift=s.timestep_shift,
+        cfg_scale=s.cfg_scale if mcfg.class_dropout_prob > 0 else 1.0,
+        cfg_interval_start=s.cfg_interval_start,
+        cfg_channels=s.cfg_channels,
+    )
+    x = np.asarray(jax.device_get(x))[..., :3]
+    # Each channel to [-1, 1] over the grid, for display only.
+    x = x / max(float(np.abs(x).max()), 1e-6)
+    grid = image_grid([x])
+    writer.image(step, "samples_latent", grid)
+    if jax.process_index() == 0:
+        save_png(workdir_path / "samples" / f"latent_{step:07d}.png", grid)
