@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vavae_jax.runtime import attention
 from vavae_jax.runtime import sharding as _sharding  # noqa: F401  (eager sharding off)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -41,7 +42,7 @@ class LightningDiTConfig:
     `dtype` is the compute dtype of the matmuls (parameters stay float32; norms, softmax and the
     residual stream run in float32). `remat_policy` is a key of `REMAT_POLICIES`, applied to each
     scanned block; `scan_unroll` is the unroll factor of the scan over blocks.
-    `attention_impl` is passed to `jax.nn.dot_product_attention` (None: let JAX choose; "xla";
+    `attention_impl`: "auto" (cuDNN flash attention on GPU in bf16/fp16, else XLA), "xla",
     "cudnn").
     """
 
@@ -63,7 +64,7 @@ class LightningDiTConfig:
     dtype: str = "float32"
     remat_policy: str = "none"
     scan_unroll: int = 1
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
 
     def __post_init__(self):
         problems = []
@@ -391,7 +392,7 @@ class Attention(nnx.Module):
         if rope is not None:
             q = apply_rope(q, *rope).astype(v.dtype)
             k = apply_rope(k, *rope).astype(v.dtype)
-        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        out = attention.dot_product_attention(q, k, v, implementation=self.implementation)
         return self.proj(out.reshape(b, t, d))
 
 

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vavae_jax.runtime import attention
 from vavae_jax.runtime import sharding as _sharding  # noqa: F401  (eager sharding off)
 from vavae_jax.runtime.torch_names import ConversionError, assign
 
@@ -378,7 +379,7 @@ class Dinov2Attention(nnx.Module):
         b, t, _ = x.shape
         heads = (self.q_proj, self.k_proj, self.v_proj)
         q, k, v = (f(x).reshape(b, t, self.num_heads, self.head_dim) for f in heads)
-        out = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim**-0.5)  # [B, T, H, D]
+        out = attention.dot_product_attention(q, k, v, scale=self.head_dim**-0.5)  # [B, T, H, D]
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
 
 

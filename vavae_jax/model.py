@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from vavae_jax.runtime import attention
 from vavae_jax.runtime import sharding as _sharding  # noqa: F401  (eager sharding off)
 
 CONV_AXES = (None, None, "conv_in", "conv_out")
@@ -153,8 +154,9 @@ class AttnBlock(nnx.Module):
         b, h, w, c = x.shape
         hn = self.norm(x)
         q, k, v = (f(hn).reshape(b, h * w, 1, c) for f in (self.q, self.k, self.v))
-        # softmax(q k^T / sqrt(c)) v; jax.nn.dot_product_attention uses cuDNN flash kernels on GPU.
-        out = jax.nn.dot_product_attention(q, k, v, scale=c**-0.5)
+        # softmax(q k^T / sqrt(c)) v; one head of width c (512 in f16d32): wider than cuDNN's
+        # flash kernels take, so "auto" uses XLA's attention here.
+        out = attention.dot_product_attention(q, k, v, scale=c**-0.5)
         return x + self.proj_out(out.reshape(b, h, w, c))
 
 
