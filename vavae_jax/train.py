@@ -8,6 +8,7 @@ stop on SIGTERM or NaN. See configs/vavae_f16d32.py for every setting.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import signal
@@ -117,16 +118,30 @@ def build_teacher(tcfg, dtype) -> foundation.DinoV2Teacher:
         tcfg.preset,
     )
     cfg = dataclasses.replace(presets[tcfg.preset], dtype=dtype)
-    return foundation.DinoV2Teacher(
-        foundation.Dinov2Model(cfg, rngs=nnx.Rngs(0)), resolution=tcfg.resolution
-    )
+    return _random_teacher(cfg, tcfg.resolution)
+
+
+@functools.cache
+def _random_teacher(cfg: foundation.Dinov2Config, resolution: int) -> foundation.DinoV2Teacher:
+    """Smoke-run teachers are frozen and never mutated: build each shape once per process."""
+    model = sharding.jit_init(lambda: foundation.Dinov2Model(cfg, rngs=nnx.Rngs(0)))
+    return foundation.DinoV2Teacher(model, resolution=resolution)
+
+
+@functools.cache
+def _random_lpips(dtype: str) -> lpips_lib.LPIPS:
+    return sharding.jit_init(lambda: lpips_lib.LPIPS(dtype, rngs=nnx.Rngs(0)))
 
 
 def build_frozen(config, cdt):
     """The frozen networks: LPIPS and (for VA-VAE) the DINOv2 teacher."""
-    lp = lpips_lib.build_lpips(
-        config.lpips.path, allow_random=config.lpips.allow_random, dtype=jnp.dtype(cdt).name
-    )
+    if config.lpips.path in ("", "random") and config.lpips.allow_random:
+        log.warning("LPIPS has RANDOM weights: the perceptual loss is meaningless (smoke run)")
+        lp = _random_lpips(jnp.dtype(cdt).name)
+    else:
+        lp = lpips_lib.build_lpips(
+            config.lpips.path, allow_random=config.lpips.allow_random, dtype=jnp.dtype(cdt).name
+        )
     teacher = build_teacher(config.teacher, cdt) if config.use_vf else None
     if teacher is not None:
         latent = config.model.resolution // 2 ** (len(config.model.ch_mult) - 1)

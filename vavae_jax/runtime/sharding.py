@@ -151,3 +151,11 @@ def optimizer_init_sharded(tx, params: Any, mesh: Mesh):
         tx, lambda _, s: s, abstract, param_sh, transform_non_params=lambda _: replicated
     )
     return jax.jit(tx.init, out_shardings=shardings)(params)
+
+
+def jit_init(constructor: Callable[[], M]) -> M:
+    """Builds `constructor()` with its initialisation compiled as one program. Eager random init
+    dispatches one small XLA program per weight shape, which costs seconds on CPU."""
+    graphdef = nnx.graphdef(nnx.eval_shape(constructor))
+    state = jax.jit(lambda: nnx.state(constructor()))()
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,154 @@
+"""launch/sample.py: a tiny trained LightningDiT + a tiny VA-VAE export; kill and rerun, checks."""
+
+import json
+import os
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lightningdit_jax import data as data_lib
+from lightningdit_jax import sampling, train
+from tests.test_lightningdit_train import tiny_config, write_latents
+from vavae_jax import convert
+from vavae_jax import model as vae_model
+from vavae_jax.runtime import sharding
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "launch"))
+
+import sample as sample_cli  # noqa: E402
+
+N, CHUNK, STEPS = 6, 4, 3
+KW = dict(num_steps=STEPS, timestep_shift=0.3, cfg_scale=4.0, cfg_interval_start=0.11)
+
+
+def write_export(directory, channels=8):
+    """A random tiny VA-VAE (8x8xC latents of 16x16 images) in the launch/convert.py format."""
+    import orbax.checkpoint as ocp
+
+    cfg = vae_model.AutoencoderConfig(
+        ch=32,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(),
+        z_channels=channels,
+        embed_dim=channels,
+        resolution=16,
+    )
+    ae = vae_model.AutoencoderKL(cfg, rngs=nnx.Rngs(1))
+    directory = pathlib.Path(directory).resolve()
+    directory.mkdir(parents=True)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(
+        directory / convert.STATE_DIR,
+        {"autoencoder": convert._nest(convert._flat_arrays(ae, nnx.Param))},
+    )
+    ckptr.wait_until_finished()
+    meta = dict(
+        format=convert.EXPORT_FORMAT,
+        source="test",
+        autoencoder_config=dict(
+            ch=32,
+            ch_mult=[1, 2],
+            num_res_blocks=1,
+            attn_resolutions=[],
+            z_channels=channels,
+            embed_dim=channels,
+            resolution=16,
+        ),
+        teacher_dim=None,
+        present=["autoencoder"],
+        absent=[],
+        discriminator_config=None,
+        teacher_config=None,
+        lpips=None,
+    )
+    (directory / convert.EXPORT_JSON).write_text(json.dumps(meta))
+    return ae, str(directory)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sample")
+    ae, export = write_export(tmp / "export")
+    write_latents(tmp / "latents", n=16)
+    cfg = tiny_config(tmp / "latents")
+    cfg.total_steps = 2
+    cfg.checkpoint_every_steps = 2
+    cfg.image_every_steps = 1000
+    cfg.tokenizer.path = export  # sampling finds the tokenizer through the checkpoint meta
+    train.run(cfg, str(tmp / "run"))
+    return dict(tmp=tmp, workdir=str(tmp / "run"), export=export, ae=ae)
+
+
+def test_kill_and_rerun_equals_uninterrupted(run):
+    tmp, workdir = run["tmp"], run["workdir"]
+    kw = dict(num_samples=N, batch_size=CHUNK, seed=3, progress=False, **KW)
+    full = sample_cli.sample(workdir, str(tmp / "full"), **kw)
+    out = str(tmp / "resumed")
+    assert sample_cli.sample(workdir, out, max_chunks=1, **kw) is None
+    assert sorted(f for f in os.listdir(out) if f.startswith("chunk_")) == ["chunk_00000.npz"]
+    resumed = sample_cli.sample(workdir, out, keep_chunks=True, **kw)
+    assert os.path.basename(resumed) == f"samples_{N}.npz"
+    with np.load(full) as a, np.load(resumed) as b:
+        assert a["arr_0"].dtype == np.uint8 and a["arr_0"].shape == (N, 16, 16, 3)
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+        images, labels = b["arr_0"], b["labels"]
+    # Class balanced: 6 samples of 10 classes -> 6 distinct labels, a seeded permutation.
+    np.testing.assert_array_equal(np.sort(labels), np.arange(N))
+    np.testing.assert_array_equal(labels, sample_cli.class_balanced_labels(N, 10, 3))
+    assert len({im.tobytes() for im in images}) == N  # no duplicates
+    # The merged file is the chunks in order (the chunks were kept on request).
+    with np.load(os.path.join(out, "chunk_00001.npz")) as c1:
+        np.testing.assert_array_equal(c1["arr_0"], images[CHUNK:])
+    # Chunk 1 recomputed by hand: noise fold_in(seed, 1), sample_ode on the EMA model,
+    # de-normalised with the meta's stats, decoded, reference uint8 conversion.
+    ema, meta, _ = train.load_ema_model(workdir, sharding.make_mesh(-1, 1))
+    z0 = jax.random.normal(jax.random.fold_in(jax.random.key(3), 1), (CHUNK, 8, 8, 8))
+    y = np.resize(labels[CHUNK:], CHUNK)
+    x = sampling.sample_ode(ema, z0, y, cfg_channels="first3", **KW)
+    z = data_lib.denormalize(
+        np.asarray(x), np.float32(meta["latent_mean"]), np.float32(meta["latent_std"])
+    )
+    ref = np.asarray(run["ae"].decode(jnp.asarray(z)))
+    ref = np.clip(127.5 * ref + 128.0, 0, 255).astype(np.uint8)[: N - CHUNK]
+    diff = np.abs(ref.astype(int) - images[CHUNK:].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    # A finished run is not redone; other settings in the same --out are refused.
+    assert sample_cli.sample(workdir, str(tmp / "full"), **kw) == full
+    with pytest.raises(ValueError, match="other settings"):
+        sample_cli.sample(workdir, out, **dict(kw, seed=4))
+
+
+def test_grid_and_errors(run, tmp_path):
+    tmp, workdir = run["tmp"], run["workdir"]
+    path = sample_cli.demo_grid(workdir, str(tmp_path), [1, 2, 3], num_steps=STEPS)
+    from PIL import Image
+
+    assert np.asarray(Image.open(path)).shape == (16, 4 * 16, 3)
+    with pytest.raises(ValueError, match="outside"):
+        sample_cli.demo_grid(workdir, str(tmp_path), [10], num_steps=STEPS)
+    kw = dict(num_samples=2, batch_size=2, num_steps=STEPS, progress=False)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        sample_cli.sample(str(tmp / "nope"), str(tmp_path / "o"), **kw)
+    (tmp / "empty").mkdir()
+    (tmp / "empty" / "config.json").write_text("{}")
+    (tmp / "empty" / "checkpoints").mkdir()
+    with pytest.raises(FileNotFoundError, match="no LightningDiT checkpoint"):
+        sample_cli.sample(str(tmp / "empty"), str(tmp_path / "o"), **kw)
+    # A tokenizer with 4 latent channels for a DiT on 8.
+    _, export4 = write_export(tmp_path / "export4", channels=4)
+    with pytest.raises(ValueError, match="4 latent channels"):
+        sample_cli.sample(workdir, str(tmp_path / "o"), tokenizer=export4, **kw)
+    # Meta without latent stats.
+    meta = {"latent_norm": True, "latent_multiplier": 1.0, "step": 2}
+    with pytest.raises(ValueError, match="latent_mean"):
+        sample_cli.latent_stats(meta)
+    with pytest.raises(ValueError, match="latent_norm"):
+        sample_cli.latent_stats({"step": 2})
