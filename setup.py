@@ -28,11 +28,21 @@ setup(
     version="0.1.0",
     description="VA-VAE tokenizer and LightningDiT diffusion transformer in JAX / Flax NNX",
     python_requires=">=3.11",
-    packages=find_packages(include=["vavae_jax", "vavae_jax.*", "lightningdit_jax", "lightningdit_jax.*"]),
+    packages=find_packages(
+        include=["vavae_jax", "vavae_jax.*", "lightningdit_jax", "lightningdit_jax.*"]
+    ),
     install_requires=CORE,
     extras_require={
         "torch": TORCH,
-        "test": ["pytest>=8", "ruff>=0.6", "lpips==0.1.4", "timm==1.0.31", "pytorch-fid==0.3.0", "torchmetrics==1.9.0", *TORCH],
+        "test": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "lpips==0.1.4",
+            "timm==1.0.31",
+            "pytorch-fid==0.3.0",
+            "torchmetrics==1.9.0",
+            *TORCH,
+        ],
         "gpu": ["jax[cuda13]>=0.10.2"],
         "tpu": ["jax[tpu]>=0.10.2", "etils[epath,epath-gcs]>=1.15", "google-cloud-storage>=2.0"],
     },

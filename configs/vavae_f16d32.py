@@ -167,7 +167,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
 
     # --- devices -------------------------------------------------------------------------------
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    # num_devices: -1 uses every device (all hosts); N > 0 the first N (single-host debugging).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, num_devices=-1))
     c.sharding = "dp"  # the VAE is small: replicate it ("fsdp" shards the larger weights)
 
     # --- checkpoints and logging ---------------------------------------------------------------

@@ -152,24 +152,47 @@ def bench_vae_train(args, peak):
         ddef, dP, dS = nnx.split(disc, nnx.Param, nnx.BatchStat)
         tx = optax.adam(1e-4, b1=0.5, b2=0.9)
         cfg = StepConfig(
-            kl_weight=1e-6, perceptual_weight=1.0, disc_factor=1.0, disc_weight=0.5,
-            disc_loss="hinge", adaptive_vf=True, distmat_weight=1.0, cos_weight=1.0,
-            use_vf=True, train_logvar=False, lpips_dropout=True, ema_decay=None,
+            kl_weight=1e-6,
+            perceptual_weight=1.0,
+            disc_factor=1.0,
+            disc_weight=0.5,
+            disc_loss="hinge",
+            adaptive_vf=True,
+            distmat_weight=1.0,
+            cos_weight=1.0,
+            use_vf=True,
+            train_logvar=False,
+            lpips_dropout=True,
+            ema_decay=None,
             compute_dtype=cdt,
         )
         lp_def, t_def = nnx.graphdef(lp), nnx.graphdef(teacher)
         step = make_train_step(
-            gdef, ddef,
+            gdef,
+            ddef,
             lambda f, a, b, r, d=lp_def: nnx.merge(d, f["lpips"])(a, b, dropout_rng=r),
             lambda f, a, d=t_def: nnx.merge(d, f["teacher"])(a),
-            tx, tx, cfg,
+            tx,
+            tx,
+            cfg,
         )
         frozen = dict(lpips=nnx.state(lp), teacher=nnx.state(teacher))
-        state = dict(gen=P, gen_rest=rest, disc=dP, disc_stats=dS, opt_g=tx.init(P),
-                     opt_d=tx.init(dP), step=jnp.int32(0))
-        hp = dict(vf_weight=jnp.float32(0.1), distmat_margin=jnp.float32(0.25),
-                  cos_margin=jnp.float32(0.5), disc_start=jnp.int32(5001),
-                  stage_step=jnp.int32(10000))  # GAN on: the full step
+        state = dict(
+            gen=P,
+            gen_rest=rest,
+            disc=dP,
+            disc_stats=dS,
+            opt_g=tx.init(P),
+            opt_d=tx.init(dP),
+            step=jnp.int32(0),
+        )
+        hp = dict(
+            vf_weight=jnp.float32(0.1),
+            distmat_margin=jnp.float32(0.25),
+            cos_margin=jnp.float32(0.5),
+            disc_start=jnp.int32(5001),
+            stage_step=jnp.int32(10000),
+        )  # GAN on: the full step
         for b in [int(v) for v in args.vae_train_batches.split(",")]:
             x = jax.random.uniform(jax.random.key(0), (b, 256, 256, 3), jnp.float32, -1, 1)
             fn = jax.jit(step, donate_argnums=(0,))
@@ -185,8 +208,9 @@ def bench_vae_train(args, peak):
                 jax.block_until_ready(m)
                 if i >= 3:
                     times.append(time.perf_counter() - t)
-            r = dict(compile_s=compile_s, median_s=statistics.median(times), min_s=min(times),
-                     flops=None)
+            r = dict(
+                compile_s=compile_s, median_s=statistics.median(times), min_s=min(times), flops=None
+            )
             record(f"vae_train_{dtype}", b, r, peak, loss=float(m["train/total_loss"]))
             del st
 
@@ -207,7 +231,6 @@ def _dit_state(preset, dtype, remat):
 
 def bench_dit_train(args, peak):
     """LightningDiT train step: rectified-flow loss (lognorm t, cosine), AdamW, EMA 0.9999."""
-
 
     for spec in args.dit_train.split(";"):
         try:
@@ -262,8 +285,12 @@ def _dit_train_case(args, peak, spec):
                 times.append(time.perf_counter() - t)
         # XLA counts a scanned body once: use the analytic count (3x forward) for MFU.
         fwd = _dit_forward_flops(cfg)
-        r = dict(compile_s=compile_s, median_s=statistics.median(times), min_s=min(times),
-                 flops=3 * fwd * b)
+        r = dict(
+            compile_s=compile_s,
+            median_s=statistics.median(times),
+            min_s=min(times),
+            flops=3 * fwd * b,
+        )
         record(f"dit_train_{preset}_{dtype}_remat-{remat}", b, r, peak, xla_flops=flops)
         del state
 
@@ -296,8 +323,15 @@ def bench_dit_sample(args, peak):
     y = jax.random.randint(jax.random.key(2), (b,), 0, 1000)
 
     def run(st, z0, y, num_steps):  # sample_ode jits itself; num_steps is traced inside
-        return sampling.sample_ode(nnx.merge(gdef, st), z0, y, num_steps=num_steps,
-                                   timestep_shift=0.3, cfg_scale=10.0, cfg_interval_start=0.1)
+        return sampling.sample_ode(
+            nnx.merge(gdef, st),
+            z0,
+            y,
+            num_steps=num_steps,
+            timestep_shift=0.3,
+            cfg_scale=10.0,
+            cfg_interval_start=0.1,
+        )
 
     for steps in (args.sample_steps,):
         t = time.perf_counter()
@@ -310,11 +344,17 @@ def bench_dit_sample(args, peak):
             times.append(time.perf_counter() - t)
         fwd = _dit_forward_flops(cfg)
         # model evaluations: steps-1 Euler steps; t < 0.1 runs B, the rest 2B (CFG)
-        r = dict(compile_s=compile_s, median_s=statistics.median(times), min_s=min(times),
-                 flops=None)
+        r = dict(
+            compile_s=compile_s, median_s=statistics.median(times), min_s=min(times), flops=None
+        )
         name = args.sample_preset.replace("/", "")
-        record(f"dit_sample_{name}_{steps}steps_cfg_{args.sample_dtype}", b, r, peak,
-               fwd_flops_per_img=fwd)
+        record(
+            f"dit_sample_{name}_{steps}steps_cfg_{args.sample_dtype}",
+            b,
+            r,
+            peak,
+            fwd_flops_per_img=fwd,
+        )
 
 
 CASES = {
@@ -333,8 +373,11 @@ def main():
     p.add_argument("--vae_dtypes", default="bfloat16,float32")
     p.add_argument("--vae_train_dtypes", default="bfloat16")
     p.add_argument("--vae_train_batches", default="8,32")
-    p.add_argument("--dit_train", default="XL/1,64,bfloat16,none;B/1,256,bfloat16,none",
-                   help="';'-separated preset,batch,dtype,remat cases")
+    p.add_argument(
+        "--dit_train",
+        default="XL/1,64,bfloat16,none;B/1,256,bfloat16,none",
+        help="';'-separated preset,batch,dtype,remat cases",
+    )
     p.add_argument("--sample_batch", type=int, default=128)
     p.add_argument("--sample_preset", default="XL/1")
     p.add_argument("--sample_steps", type=int, default=250)

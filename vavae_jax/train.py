@@ -67,7 +67,11 @@ def autoencoder_config(config) -> model_lib.AutoencoderConfig:
 
 
 def validate_config(config) -> None:
-    n_dev = jax.device_count()
+    n_dev = config.mesh.num_devices if config.mesh.num_devices > 0 else jax.device_count()
+    if n_dev > jax.device_count():
+        raise ValueError(
+            f"mesh.num_devices={n_dev} but only {jax.device_count()} devices are visible"
+        )
     if config.global_batch_size % n_dev:
         raise ValueError(
             f"global_batch_size={config.global_batch_size} is not divisible by the {n_dev} "
@@ -224,7 +228,10 @@ def run(
     many steps exactly as SIGTERM does (checkpoint, then return): preemption on demand."""
     validate_config(config)
     cdt = compute_dtype(config)
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    n = config.mesh.num_devices
+    mesh = sharding.make_mesh(
+        config.mesh.data, config.mesh.fsdp, devices=jax.devices()[:n] if n > 0 else None
+    )
     log.info("mesh: %s, compute dtype %s", dict(mesh.shape), jnp.dtype(cdt).name)
     workdir_path = ckpt_lib.as_path(workdir)
     rng = jax.random.key(config.seed)

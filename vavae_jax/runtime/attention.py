@@ -9,7 +9,7 @@ IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 
 def resolve(implementation: str | None, dtype, head_dim: int) -> str | None:
-    """"auto": cuDNN's fused flash kernel on GPUs for bf16/fp16 with head_dim <= 128 (what it
+    """ "auto": cuDNN's fused flash kernel on GPUs for bf16/fp16 with head_dim <= 128 (what it
     supports), XLA's attention everywhere else. `jax.nn.dot_product_attention(implementation=
     None)` always means XLA in jax 0.10/0.11, which materialises the [B, N, T, T] scores."""
     if implementation in (None, "xla", "cudnn"):
