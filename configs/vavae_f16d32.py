@@ -205,7 +205,7 @@ def _shrink(c: ml_collections.ConfigDict) -> None:
     c.loss.disc_start = 61  # Lightning steps: the GAN joins at iteration 31
     c.global_batch_size = 8
     c.num_epochs = 1
-    c.total_steps = 100
+    c.total_steps = 80
     c.data.update(
         dict(
             source="folder",
@@ -215,6 +215,6 @@ def _shrink(c: ml_collections.ConfigDict) -> None:
         )
     )
     c.mesh.update(dict(data=-1, fsdp=1))
-    c.checkpoint_every_steps = 50
+    c.checkpoint_every_steps = 40
     c.log_every_steps = 10
-    c.image_every_steps = 50
+    c.image_every_steps = 40

@@ -178,21 +178,25 @@ def finalize(out_dir: str, shape: list[int], tokenizer_ref: dict, dtype: str) ->
 
 
 _FLAGS = flags.FLAGS
-flags.DEFINE_string("tokenizer", "", "VA-VAE export folder (launch/convert.py output).")
-flags.DEFINE_bool("allow_random", False, "Smoke run with a random tiny VA-VAE.")
-flags.DEFINE_string("out_dir", None, "Output folder.")
-flags.DEFINE_enum("source", "tfds", ["tfds", "folder"], "Image source.")
-flags.DEFINE_string("root", "", "folder source root.")
-flags.DEFINE_string("tfds_name", "imagenet2012", "tfds dataset.")
-flags.DEFINE_string("tfds_split", "train", "tfds split.")
-flags.DEFINE_string("tfds_data_dir", "", "tfds data dir.")
-flags.DEFINE_string("manual_dir", "", "imagenet2012 tars.")
-flags.DEFINE_integer("resolution", 256, "Image size.")
-flags.DEFINE_integer("batch_size", 256, "Global batch size.")
-flags.DEFINE_integer("batches_per_shard", 40, "Batches per shard file (per host).")
-flags.DEFINE_integer("worker_count", 8, "grain workers.")
-flags.DEFINE_integer("seed", 0, "Posterior sampling seed.")
-flags.DEFINE_enum("dtype", "float32", list(latent_data.DTYPES), "Stored latent dtype.")
+
+
+def define_flags() -> None:
+    """Only when run as a script: tests import several launch modules into one process."""
+    flags.DEFINE_string("tokenizer", "", "VA-VAE export folder (launch/convert.py output).")
+    flags.DEFINE_bool("allow_random", False, "Smoke run with a random tiny VA-VAE.")
+    flags.DEFINE_string("out_dir", None, "Output folder.")
+    flags.DEFINE_enum("source", "tfds", ["tfds", "folder"], "Image source.")
+    flags.DEFINE_string("root", "", "folder source root.")
+    flags.DEFINE_string("tfds_name", "imagenet2012", "tfds dataset.")
+    flags.DEFINE_string("tfds_split", "train", "tfds split.")
+    flags.DEFINE_string("tfds_data_dir", "", "tfds data dir.")
+    flags.DEFINE_string("manual_dir", "", "imagenet2012 tars.")
+    flags.DEFINE_integer("resolution", 256, "Image size.")
+    flags.DEFINE_integer("batch_size", 256, "Global batch size.")
+    flags.DEFINE_integer("batches_per_shard", 40, "Batches per shard file (per host).")
+    flags.DEFINE_integer("worker_count", 8, "grain workers.")
+    flags.DEFINE_integer("seed", 0, "Posterior sampling seed.")
+    flags.DEFINE_enum("dtype", "float32", list(latent_data.DTYPES), "Stored latent dtype.")
 
 
 def main(argv):
@@ -230,4 +234,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -500,29 +500,41 @@ def demo_grid(
 # Command line
 # ---------------------------------------------------------------------------------------------
 _FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "LightningDiT run directory (launch/train.py --workdir).")
-flags.DEFINE_string("out", None, "Output directory for chunks, samples_<N>.npz or the grid.")
-flags.DEFINE_string("tokenizer", "", "VA-VAE export dir. Default: the checkpoint meta's.")
-flags.DEFINE_integer("step", None, "Checkpoint step. Default: the latest.")
-flags.DEFINE_integer("num_samples", 50_000, "Number of images (FID-50k: 50000).")
-flags.DEFINE_integer(
-    "batch_size", 128, "Images per chunk (global; best a multiple of the devices)."
-)
-flags.DEFINE_integer("num_steps", None, "ODE grid points (reference 250). Default: run config.")
-flags.DEFINE_enum("method", None, list(sampling.ODE_METHODS), "ODE solver. Default: euler.")
-flags.DEFINE_float("timestep_shift", None, "Timestep shift (reference 0.3). Default: run config.")
-flags.DEFINE_float("cfg_scale", None, "CFG scale (10.0 64-ep, 6.7 800-ep). Default: run config.")
-flags.DEFINE_float(
-    "cfg_interval_start", None, "CFG from this t on (0.11 / 0.125). Default: run config."
-)
-flags.DEFINE_enum("cfg_channels", None, ["first3", "all"], "Guided channels. Default: run config.")
-flags.DEFINE_integer("seed", 0, "Seed of the labels' permutation and of the noise.")
-flags.DEFINE_string("dtype", "", "Compute dtype override (float32, bfloat16). Default: configs'.")
-flags.DEFINE_bool("keep_chunks", False, "Keep chunk_*.npz after the merge.")
-flags.DEFINE_bool("grid_only", False, "Only write a demo grid PNG of --classes.")
-flags.DEFINE_list("classes", [str(c) for c in DEMO_CLASSES], "Classes of the demo grid.")
-flags.DEFINE_integer("grid_columns", 4, "Images per row of the demo grid.")
-flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+
+def define_flags() -> None:
+    """Only when run as a script: tests import several launch modules into one process."""
+    flags.DEFINE_string("workdir", None, "LightningDiT run directory (launch/train.py --workdir).")
+    flags.DEFINE_string("out", None, "Output directory for chunks, samples_<N>.npz or the grid.")
+    flags.DEFINE_string("tokenizer", "", "VA-VAE export dir. Default: the checkpoint meta's.")
+    flags.DEFINE_integer("step", None, "Checkpoint step. Default: the latest.")
+    flags.DEFINE_integer("num_samples", 50_000, "Number of images (FID-50k: 50000).")
+    flags.DEFINE_integer(
+        "batch_size", 128, "Images per chunk (global; best a multiple of the devices)."
+    )
+    flags.DEFINE_integer("num_steps", None, "ODE grid points (reference 250). Default: run config.")
+    flags.DEFINE_enum("method", None, list(sampling.ODE_METHODS), "ODE solver. Default: euler.")
+    flags.DEFINE_float(
+        "timestep_shift", None, "Timestep shift (reference 0.3). Default: run config."
+    )
+    flags.DEFINE_float(
+        "cfg_scale", None, "CFG scale (10.0 64-ep, 6.7 800-ep). Default: run config."
+    )
+    flags.DEFINE_float(
+        "cfg_interval_start", None, "CFG from this t on (0.11 / 0.125). Default: run config."
+    )
+    flags.DEFINE_enum(
+        "cfg_channels", None, ["first3", "all"], "Guided channels. Default: run config."
+    )
+    flags.DEFINE_integer("seed", 0, "Seed of the labels' permutation and of the noise.")
+    flags.DEFINE_string(
+        "dtype", "", "Compute dtype override (float32, bfloat16). Default: configs'."
+    )
+    flags.DEFINE_bool("keep_chunks", False, "Keep chunk_*.npz after the merge.")
+    flags.DEFINE_bool("grid_only", False, "Only write a demo grid PNG of --classes.")
+    flags.DEFINE_list("classes", [str(c) for c in DEMO_CLASSES], "Classes of the demo grid.")
+    flags.DEFINE_integer("grid_columns", 4, "Images per row of the demo grid.")
+    flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
 def main(argv):
@@ -573,4 +585,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
