@@ -36,6 +36,7 @@ setup(
         "torch": TORCH,
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.6",
             "ruff>=0.6",
             "lpips==0.1.4",
             "timm==1.0.31",

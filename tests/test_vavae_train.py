@@ -345,11 +345,16 @@ def test_bad_inputs_raise_clear_errors(sample_images_dir, tmp_path):
 @pytest.mark.slow
 def test_nan_stops_with_last_good_checkpoint(sample_images_dir, tmp_path):
     cfg = tiny_config(sample_images_dir, checkpoint_every_steps=1, total_steps=6)
-    cfg.optim.lr = 1e30  # the first update overflows the parameters
+    cfg.mesh.update(dict(data=1, fsdp=1, num_devices=1))
+    cfg.sharding = "dp"
+    # Adam moves every weight by ~lr: step 1 is finite (and saved), step 2's activations overflow.
+    cfg.optim.lr = 1e10
     with pytest.raises(train.TrainingDivergedError) as e:
         train.run(cfg, str(tmp_path / "nan"))
     msg = str(e.value)
-    assert "step" in msg and "checkpoint" in msg
+    assert "after step 2" in msg and "last good checkpoint is step 1" in msg, msg
+    ckpts = tmp_path / "nan" / "checkpoints"
+    assert (ckpts / "1").is_dir() and not (ckpts / "2").exists()
 
 
 def test_schedule_stages():
