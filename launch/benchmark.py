@@ -11,6 +11,7 @@ on the same device in the same run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import statistics
@@ -26,6 +27,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 RESULTS: list[dict] = []
+PROFILES: dict[str, dict] = {}
 
 
 def timeit(fn: Callable, args: tuple, iters: int, warmup: int = 3) -> dict:
@@ -60,6 +62,7 @@ def timeit(fn: Callable, args: tuple, iters: int, warmup: int = 3) -> dict:
         min_s=min(times),
         flops=flops,
         out=out,
+        compiled=compiled,
     )
 
 
@@ -92,16 +95,62 @@ def record(
 
 
 # ---------------------------------------------------------------------------------------------
+def data_parallel(args):
+    """(replicate, shard_batch, n): place a state replicated and a batch split over the first
+    `--num_devices` devices (data parallelism through jit's sharding propagation)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from vavae_jax.runtime import sharding
+
+    n = args.num_devices
+    if n > jax.device_count():
+        raise SystemExit(f"--num_devices={n}, but only {jax.device_count()} devices are present")
+    mesh = sharding.make_mesh(n, 1, devices=jax.devices()[:n])
+    rep = NamedSharding(mesh, PartitionSpec())
+
+    def replicate(tree):
+        return jax.device_put(tree, rep)
+
+    def shard_batch(x):
+        return jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
+
+    return replicate, shard_batch, n
+
+
 def bench_matmul(args) -> float:
-    n = 8192
+    """The bf16 matmul rate of the device: ten chained 8192^3 products in one program (one launch
+    and one synchronisation for all ten, so that dispatch does not count)."""
+    n, reps = 8192, 10
     ka, kb = jax.random.split(jax.random.key(0))
     a = jax.random.normal(ka, (n, n), jnp.bfloat16)
-    b = jax.random.normal(kb, (n, n), jnp.bfloat16)
-    r = timeit(lambda a, b: a @ b, (a, b), iters=20)
-    peak = 2 * n**3 / r["median_s"]
+    b = (jax.random.normal(kb, (n, n), jnp.float32) / np.sqrt(n)).astype(jnp.bfloat16)
+
+    def chain(a, b):
+        return jax.lax.fori_loop(0, reps, lambda i, x: x @ b, a)
+
+    r = timeit(chain, (a, b), iters=10)
+    peak = reps * 2 * n**3 / r["median_s"]
     RESULTS.append(dict(case="matmul_bf16_8192", tflops=peak / 1e12, median_s=r["median_s"]))
-    print(f"  bf16 matmul {n}^3: {peak / 1e12:.0f} TFLOP/s", flush=True)
+    print(f"  bf16 matmul {n}^3 (x{reps} chained): {peak / 1e12:.0f} TFLOP/s", flush=True)
     return peak
+
+
+def maybe_profile(args, name: str, fn: Callable[[], object], steps: int = 3) -> None:
+    """With --profile_dir: a jax.profiler trace of `steps` more calls, summarised by kernel."""
+    if not args.profile_dir:
+        return
+    from vavae_jax.runtime import profiling
+
+    logdir = str(pathlib.Path(args.profile_dir) / name.replace("/", ""))
+    try:
+        summary = profiling.profile(fn, steps, logdir)
+    except (RuntimeError, FileNotFoundError) as e:
+        print(f"  (no profile: {e})", flush=True)
+        return
+    print(profiling.format_summary(summary), flush=True)
+    summary["top_kernels"] = summary["top_kernels"][:60]
+    summary["top_hlo_ops"] = summary["top_hlo_ops"][:60]
+    PROFILES[name] = summary
 
 
 def bench_vae_codec(args, peak):
@@ -193,8 +242,11 @@ def bench_vae_train(args, peak):
             disc_start=jnp.int32(5001),
             stage_step=jnp.int32(10000),
         )  # GAN on: the full step
-        for b in [int(v) for v in args.vae_train_batches.split(",")]:
+        replicate, shard_batch, n = data_parallel(args)
+        state, frozen = replicate(state), replicate(frozen)
+        for b in [int(v) * n for v in args.vae_train_batches.split(",")]:  # per device
             x = jax.random.uniform(jax.random.key(0), (b, 256, 256, 3), jnp.float32, -1, 1)
+            x = shard_batch(x)
             fn = jax.jit(step, donate_argnums=(0,))
             args_ = (state, frozen, {"image": x}, jax.random.key(1), hp)
             t = time.perf_counter()
@@ -211,18 +263,23 @@ def bench_vae_train(args, peak):
             r = dict(
                 compile_s=compile_s, median_s=statistics.median(times), min_s=min(times), flops=None
             )
-            record(f"vae_train_{dtype}", b, r, peak, loss=float(m["train/total_loss"]))
+            name = f"vae_train_{dtype}" + (f"_x{n}dev" if n > 1 else "")
+            record(name, b, r, peak, loss=float(m["train/total_loss"]), num_devices=n)
             del st
 
 
-def _dit_state(preset, dtype, remat):
+def _dit_state(preset, dtype, remat, layers="scan"):
     import dataclasses
 
     import optax
 
     from lightningdit_jax.model import PRESETS, LightningDiT
 
-    cfg = dataclasses.replace(PRESETS[preset], dtype=dtype, remat_policy=remat)
+    if layers not in ("scan", "loop"):
+        raise SystemExit(f"layers={layers!r}: expected scan or loop")
+    cfg = dataclasses.replace(
+        PRESETS[preset], dtype=dtype, remat_policy=remat, scan_layers=layers == "scan"
+    )
     model = LightningDiT(cfg, rngs=nnx.Rngs(0))
     gdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optax.adamw(2e-4, b1=0.9, b2=0.95, weight_decay=0.0)
@@ -248,9 +305,10 @@ def _dit_train_case(args, peak, spec):
     from lightningdit_jax import transport as tr
 
     if True:
-        preset, b, dtype, remat = spec.split(",")
+        preset, b, dtype, remat, *layers = spec.split(",")
         b = int(b)
-        cfg, gdef, params, rest, tx = _dit_state(preset, dtype, remat)
+        layers = layers[0] if layers else "scan"
+        cfg, gdef, params, rest, tx = _dit_state(preset, dtype, remat, layers)
         state = dict(params=params, ema=jax.tree.map(jnp.copy, params), opt=tx.init(params))
 
         def step(state, x1, y, rng, gdef=gdef, rest=rest, tx=tx):
@@ -264,9 +322,12 @@ def _dit_train_case(args, peak, spec):
             ema = optax.incremental_update(params, state["ema"], 1.0 - 0.9999)
             return dict(params=params, ema=ema, opt=opt), loss
 
+        replicate, shard_batch, n = data_parallel(args)
+        b *= n  # the spec's batch is per device
+        state = replicate(state)
         shape = (b, cfg.input_size, cfg.input_size, cfg.in_channels)
-        x1 = jax.random.normal(jax.random.key(1), shape, jnp.float32)
-        y = jax.random.randint(jax.random.key(2), (b,), 0, 1000)
+        x1 = shard_batch(jax.random.normal(jax.random.key(1), shape, jnp.float32))
+        y = shard_batch(jax.random.randint(jax.random.key(2), (b,), 0, 1000))
         fn = jax.jit(step, donate_argnums=(0,))
         t = time.perf_counter()
         compiled = fn.lower(state, x1, y, jax.random.key(0)).compile()
@@ -291,8 +352,16 @@ def _dit_train_case(args, peak, spec):
             min_s=min(times),
             flops=3 * fwd * b,
         )
-        record(f"dit_train_{preset}_{dtype}_remat-{remat}", b, r, peak, xla_flops=flops)
-        del state
+        name = f"dit_train_{preset}_{dtype}_remat-{remat}_{layers}" + (f"_x{n}dev" if n > 1 else "")
+        record(name, b, r, peak * n if peak else None, xla_flops=flops, num_devices=n)
+        holder = {"state": state}
+
+        def again(holder=holder):
+            holder["state"], loss = compiled(holder["state"], x1, y, jax.random.key(0))
+            return loss
+
+        maybe_profile(args, name, again)
+        del state, holder
 
 
 def _dit_forward_flops(cfg) -> float:
@@ -315,7 +384,7 @@ def bench_dit_sample(args, peak):
     from lightningdit_jax.model import LightningDiT
 
     b = args.sample_batch
-    cfg, *_ = _dit_state(args.sample_preset, args.sample_dtype, "none")
+    cfg, *_ = _dit_state(args.sample_preset, args.sample_dtype, "none", args.sample_layers)
     model = LightningDiT(cfg, rngs=nnx.Rngs(0))
     gdef, st = nnx.split(model)
     shape = (b, cfg.input_size, cfg.input_size, cfg.in_channels)
@@ -357,11 +426,35 @@ def bench_dit_sample(args, peak):
         )
 
 
+def bench_dit_forward(args, peak):
+    """One LightningDiT forward at inference (labels, no dropout): the cost of one CFG sampling
+    step at batch B is that of this forward at 2B (the reference's 0.142 s at 2x128)."""
+    for spec in args.dit_forward.split(";"):
+        preset, b, dtype, *layers = spec.split(",")
+        b = int(b)
+        layers = layers[0] if layers else "scan"
+        cfg, gdef, params, rest, _ = _dit_state(preset, dtype, "none", layers)
+        shape = (b, cfg.input_size, cfg.input_size, cfg.in_channels)
+        x = jax.random.normal(jax.random.key(1), shape, jnp.float32)
+        t = jax.random.uniform(jax.random.key(3), (b,), jnp.float32)
+        y = jax.random.randint(jax.random.key(2), (b,), 0, 1001)
+
+        def fwd(params, x, t, y, gdef=gdef, rest=rest):
+            return nnx.merge(gdef, params, rest)(x, t, y)
+
+        r = timeit(fwd, (params, x, t, y), args.iters)
+        r["flops"] = _dit_forward_flops(cfg) * b
+        name = f"dit_forward_{preset.replace('/', '')}_{dtype}_{layers}"
+        record(name, b, r, peak)
+        maybe_profile(args, name, functools.partial(r["compiled"], params, x, t, y))
+
+
 CASES = {
     "vae_codec": bench_vae_codec,
     "vae_train": bench_vae_train,
     "dit_train": bench_dit_train,
     "dit_sample": bench_dit_sample,
+    "dit_forward": bench_dit_forward,
 }
 
 
@@ -376,12 +469,28 @@ def main():
     p.add_argument(
         "--dit_train",
         default="XL/1,64,bfloat16,none;B/1,256,bfloat16,none",
-        help="';'-separated preset,batch,dtype,remat cases",
+        help="';'-separated preset,batch,dtype,remat[,scan|loop] cases",
+    )
+    p.add_argument(
+        "--dit_forward",
+        default="XL/1,256,bfloat16",
+        help="';'-separated preset,batch,dtype[,scan|loop]",
+    )
+    p.add_argument(
+        "--profile_dir", default="", help="Also trace the train/forward cases; kernel summary."
+    )
+    p.add_argument(
+        "--num_devices",
+        type=int,
+        default=1,
+        help="Data parallelism over this many devices for dit_train and vae_train (batches in "
+        "the specs are per device).",
     )
     p.add_argument("--sample_batch", type=int, default=128)
     p.add_argument("--sample_preset", default="XL/1")
     p.add_argument("--sample_steps", type=int, default=250)
     p.add_argument("--sample_dtype", default="bfloat16")
+    p.add_argument("--sample_layers", default="scan", help="scan or loop (see dit_train)")
     p.add_argument("--out", default="benchmark.json")
     args = p.parse_args()
     dev = jax.devices()[0]
@@ -410,7 +519,13 @@ def main():
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out).write_text(
         json.dumps(
-            dict(meta=meta, results=[{k: v for k, v in r.items() if k != "out"} for r in RESULTS]),
+            dict(
+                meta=meta,
+                results=[
+                    {k: v for k, v in r.items() if k not in ("out", "compiled")} for r in RESULTS
+                ],
+                profiles=PROFILES,
+            ),
             indent=2,
         )
     )

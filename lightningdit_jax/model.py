@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from vavae_jax.runtime import attention
 from vavae_jax.runtime import sharding as _sharding  # noqa: F401  (eager sharding off)
@@ -32,6 +33,14 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
     "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Matmul outputs plus the compute-dtype tensors named in the block (`SAVED_NAMES`): the
+    # backward pass then recomputes only the float32 norm statistics, never the attention.
+    "save_bf16": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(
+            "mod_attn", "q_rope", "k_rope", "attn_out", "mod_mlp", "mlp_act"
+        ),
+    ),
 }
 
 
@@ -41,7 +50,9 @@ class LightningDiTConfig:
 
     `dtype` is the compute dtype of the matmuls (parameters stay float32; norms, softmax and the
     residual stream run in float32). `remat_policy` is a key of `REMAT_POLICIES`, applied to each
-    scanned block; `scan_unroll` is the unroll factor of the scan over blocks.
+    scanned block; `scan_unroll` is the unroll factor of the scan over blocks. `scan_layers=False`
+    applies the stacked blocks one after the other in a Python loop (one copy of the block in the
+    program per layer: longer compiles, but no stacking of the saved activations across layers).
     `attention_impl`: "auto" (cuDNN flash attention on GPU in bf16/fp16, else XLA), "xla",
     "cudnn").
     """
@@ -64,6 +75,7 @@ class LightningDiTConfig:
     dtype: str = "float32"
     remat_policy: str = "none"
     scan_unroll: int = 1
+    scan_layers: bool = True
     attention_impl: str | None = "auto"
 
     def __post_init__(self):
@@ -390,9 +402,10 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q = apply_rope(q, *rope).astype(v.dtype)
-            k = apply_rope(k, *rope).astype(v.dtype)
+            q = checkpoint_name(apply_rope(q, *rope).astype(v.dtype), "q_rope")
+            k = checkpoint_name(apply_rope(k, *rope).astype(v.dtype), "k_rope")
         out = attention.dot_product_attention(q, k, v, implementation=self.implementation)
+        out = checkpoint_name(out, "attn_out")
         return self.proj(out.reshape(b, t, d))
 
 
@@ -416,7 +429,7 @@ class SwiGLUFFN(nnx.Module):
 
     def __call__(self, x):
         x1, x2 = jnp.split(self.w12(x), 2, axis=-1)
-        return self.w3(jax.nn.silu(x1) * x2)
+        return self.w3(checkpoint_name(jax.nn.silu(x1) * x2, "mlp_act"))
 
 
 class LightningDiTBlock(nnx.Module):
@@ -426,6 +439,7 @@ class LightningDiTBlock(nnx.Module):
         dtype = DTYPES[config.dtype]
         d = config.hidden_size
         self.wo_shift = config.wo_shift
+        self.compute_dtype = dtype
         self.norm1 = _block_norm(d, config.use_rmsnorm)
         self.norm2 = _block_norm(d, config.use_rmsnorm)
         self.attn = Attention(config, rngs, dtype)
@@ -445,9 +459,13 @@ class LightningDiTBlock(nnx.Module):
             shift_msa = shift_mlp = None
         else:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, -1)
-        h = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        # The matmuls cast their inputs to the compute dtype anyway; casting here names the
+        # tensor that a remat policy may keep (float32 statistics, compute-dtype result).
+        h = modulate(self.norm1(x), shift_msa, scale_msa).astype(self.compute_dtype)
+        h = self.attn(checkpoint_name(h, "mod_attn"), rope)
         x = x + gate_msa[:, None, :] * h.astype(jnp.float32)
-        h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        h = modulate(self.norm2(x), shift_mlp, scale_mlp).astype(self.compute_dtype)
+        h = self.mlp(checkpoint_name(h, "mod_mlp"))
         return x + gate_mlp[:, None, :] * h.astype(jnp.float32)
 
 
@@ -537,6 +555,10 @@ class LightningDiT(nnx.Module):
             return block(h, c, rope)
 
         policy = REMAT_POLICIES[cfg.remat_policy]
+        if not cfg.scan_layers:
+            h = self._apply_unrolled(h, c, rope, policy)
+            out = self.unpatchify(self.final_layer(h, c))
+            return out[..., : cfg.in_channels] if cfg.learn_sigma else out
         if cfg.remat_policy != "none":
             apply_block = nnx.remat(apply_block, policy=policy, prevent_cse=False)
         scan = nnx.scan(
@@ -551,6 +573,21 @@ class LightningDiT(nnx.Module):
         if cfg.learn_sigma:
             out = out[..., : cfg.in_channels]
         return out
+
+    def _apply_unrolled(self, h, c, rope, policy):
+        """The blocks in a Python loop over slices of the stacked parameters."""
+        graphdef, state = nnx.split(self.blocks)
+
+        def apply_block(h, layer_state):
+            return nnx.merge(graphdef, layer_state, copy=True)(h, c, rope)
+
+        if policy is not None:
+            # prevent_cse: outside a scan XLA would otherwise merge the recomputation with
+            # the forward pass and keep every activation (no remat at all).
+            apply_block = jax.checkpoint(apply_block, policy=policy, prevent_cse=True)
+        for i in range(self.config.depth):
+            h = apply_block(h, jax.tree.map(lambda x, i=i: x[i], state))
+        return h
 
 
 def count_params(model: nnx.Module) -> int:

@@ -274,7 +274,17 @@ def test_label_dropout_in_training_only():
         nnx.eval_shape(lambda m: m(x, t, y, train=True), model)
 
 
-def test_remat_does_not_change_values_or_gradients(fixtures_dir):
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(remat_policy="full"),
+        dict(remat_policy="save_bf16"),
+        dict(scan_layers=False),
+        dict(scan_layers=False, remat_policy="dots_no_batch"),
+    ],
+    ids=["remat-full", "remat-save_bf16", "loop", "loop-remat-dots_no_batch"],
+)
+def test_remat_and_layer_loop_do_not_change_values_or_gradients(fixtures_dir, variant):
     base, state, fx = load_reference(fixtures_dir, "lightningdit_tiny_variant")
     x, t, y = nhwc(fx["x"]), jnp.asarray(fx["t"]), jnp.asarray(fx["y"])
 
@@ -285,9 +295,9 @@ def test_remat_does_not_change_values_or_gradients(fixtures_dir):
     def loss_and_grad(cfg):
         return value_and_grad(from_torch_state_dict(state, cfg))
 
-    remat = dataclasses.replace(base, remat_policy="full")
+    other = dataclasses.replace(base, **variant)
     ref_loss, ref_grad = loss_and_grad(base)
-    loss, grad = loss_and_grad(remat)
+    loss, grad = loss_and_grad(other)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
@@ -299,8 +309,28 @@ def test_remat_does_not_change_values_or_gradients(fixtures_dir):
         graphdef, params = nnx.split(abstract_model(cfg))
         return str(jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(x, t, y))(params))
 
-    assert "remat" in jaxpr(remat) and "remat" not in jaxpr(base)
+    text = jaxpr(other)
+    assert ("remat" in text) == ("remat_policy" in variant) and "remat" not in jaxpr(base)
+    # The layer loop has one copy of the block per layer and no scan over them.
+    assert ("scan" in text) == other.scan_layers
     assert "unroll=2" in jaxpr(dataclasses.replace(base, scan_unroll=2))
+
+
+def test_save_bf16_policy_keeps_the_named_activations():
+    """`save_bf16` recomputes fewer matmuls in the backward pass than `dots_no_batch`: the
+    attention output is kept, so of the XLA attention (CPU) only the scores matmul is recomputed
+    (for the softmax probabilities); cuDNN's attention is kept whole (its custom VJP)."""
+    cfg = dataclasses.replace(PRESETS["tiny"], depth=2, dtype="bfloat16")
+    x, t, y = _inputs(cfg)
+
+    def dots(policy):
+        graphdef, params = nnx.split(abstract_model(dataclasses.replace(cfg, remat_policy=policy)))
+        fn = jax.grad(lambda p: jnp.mean(nnx.merge(graphdef, p)(x, t, y) ** 2))
+        return str(jax.make_jaxpr(fn)(params)).count("dot_general")
+
+    counts = {p: dots(p) for p in ("none", "save_bf16", "dots_no_batch", "full")}
+    assert counts["save_bf16"] == counts["none"] + 1, counts
+    assert counts["save_bf16"] < counts["dots_no_batch"] < counts["full"], counts
 
 
 def test_learn_sigma_drops_the_sigma_half():
