@@ -32,7 +32,7 @@ from lightningdit_jax.model import (
     abstract_model,
     rope_tables,
 )
-from vavae_jax.runtime.torch_names import ConversionError, load_torch_file
+from vavae_jax.runtime.torch_names import ConversionError, load_torch_file, raise_on_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -140,19 +140,15 @@ def from_torch_state_dict(
                 f"{key}: values differ from the RoPE table of this config (max abs diff "
                 f"{np.abs(value - table).max():.3g}); is input_size/patch_size/heads right?"
             )
-    if unexpected or missing or mismatched:
-        lines = [f"state dict does not match LightningDiT({config}):"]
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected}")
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {missing}")
-        if mismatched:
-            lines.append(f"  shape/value mismatches ({len(mismatched)}): {mismatched}")
-        lines.append(
-            "  Is this a LightningDiT checkpoint of this configuration (preset, patch size, "
-            "use_swiglu/use_rmsnorm/use_qknorm/wo_shift/use_rope, in_channels, num_classes)?"
-        )
-        raise ConversionError("\n".join(lines))
+    raise_on_mismatch(
+        f"LightningDiT({config})",
+        unexpected=unexpected,
+        missing=missing,
+        mismatched=mismatched,
+        mismatch_label="shape/value mismatches",
+        hint="Is this a LightningDiT checkpoint of this configuration (preset, patch size, "
+        "use_swiglu/use_rmsnorm/use_qknorm/wo_shift/use_rope, in_channels, num_classes)?",
+    )
     for path, blocks in per_block.items():
         values[path] = np.stack([blocks[i] for i in range(config.depth)])
 

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from vavae_jax.runtime import sharding as _sharding  # noqa: F401  (eager sharding off)
-from vavae_jax.runtime.torch_names import ConversionError, flat_params
+from vavae_jax.runtime.torch_names import flat_params, raise_on_mismatch
 
 CONV_AXES = (None, None, "conv_in", "conv_out")
 
@@ -224,16 +224,11 @@ def from_torch_state_dict(
     missing += sorted(
         f"{p}.num_batches_tracked" for p in bn_prefixes if f"{p}.num_batches_tracked" not in seen
     )
-    if unexpected or missing or mismatched:
-        lines = [f"state dict does not match NLayerDiscriminator({config}):"]
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {sorted(unexpected)}")
-        if missing:
-            lines.append(f"  missing ({len(missing)}): {missing}")
-        if mismatched:
-            lines.append(f"  shape mismatches ({len(mismatched)}): {mismatched}")
-        lines.append(
-            "  Is this taming's NLayerDiscriminator with the same input_nc, ndf and n_layers?"
-        )
-        raise ConversionError("\n".join(lines))
+    raise_on_mismatch(
+        f"NLayerDiscriminator({config})",
+        unexpected=unexpected,
+        missing=missing,
+        mismatched=mismatched,
+        hint="Is this taming's NLayerDiscriminator with the same input_nc, ndf and n_layers?",
+    )
     return model

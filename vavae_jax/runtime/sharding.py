@@ -108,17 +108,12 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules) -> nnx.State:
     with nnx.logical_axis_rules(get_rules(rules)):
         specs = nnx.get_partition_spec(abstract_state)
 
+    # Under the rules, get_partition_spec has already translated logical names to mesh axes.
     def to_sharding(x, spec):
         spec = spec if isinstance(spec, PartitionSpec) else PartitionSpec()
-        spec = nnx.logical_to_mesh_axes(spec, get_rules(rules)) if _is_logical(spec) else spec
         return NamedSharding(mesh, _fit_spec(spec, x.shape, mesh))
 
     return jax.tree.map(to_sharding, abstract_state, specs)
-
-
-def _is_logical(spec: PartitionSpec) -> bool:
-    names = [a for a in spec if a is not None]
-    return any(isinstance(a, str) and a in LOGICAL_AXES for a in names)
 
 
 def create_sharded(constructor: Callable[[], M], mesh: Mesh, rules) -> M:

@@ -7,7 +7,7 @@ Used by every `convert.py`. Torch itself is never imported here: state dicts arr
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from flax import nnx
@@ -66,16 +66,36 @@ def assign(
         seen.add(path)
         target.set_value(np.asarray(arr, dtype=target.dtype))
     missing = sorted(p for p in ours if p not in seen and not p.startswith(allow_missing))
-    if unexpected or missing or mismatched:
-        lines = [f"state dict does not match {what}:"]
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {sorted(unexpected)}")
-        if missing:
-            lines.append(f"  missing (ours, no torch key) ({len(missing)}): {missing}")
-        if mismatched:
-            lines.append(f"  shape mismatches ({len(mismatched)}): {mismatched}")
-        lines.append("  Is this a checkpoint of this model, with the same configuration?")
-        raise ConversionError("\n".join(lines))
+    raise_on_mismatch(
+        what,
+        unexpected=unexpected,
+        missing=[f"{p} (ours, no torch key)" for p in missing],
+        mismatched=mismatched,
+        hint="Is this a checkpoint of this model, with the same configuration?",
+    )
+
+
+def raise_on_mismatch(
+    what: str,
+    *,
+    unexpected: Sequence[str] = (),
+    missing: Sequence[str] = (),
+    mismatched: Sequence[str] = (),
+    hint: str,
+    mismatch_label: str = "shape mismatches",
+) -> None:
+    """Raises one `ConversionError` listing every problem of a conversion (nothing if none)."""
+    if not (unexpected or missing or mismatched):
+        return
+    lines = [f"state dict does not match {what}:"]
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {sorted(unexpected)}")
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {sorted(missing)}")
+    if mismatched:
+        lines.append(f"  {mismatch_label} ({len(mismatched)}): {list(mismatched)}")
+    lines.append(f"  {hint}")
+    raise ConversionError("\n".join(lines))
 
 
 def load_torch_file(path: str | pathlib.Path) -> dict:
