@@ -2,8 +2,14 @@
 
   python launch/extract_latents.py --tokenizer=runs/vavae_export --out_dir=/data/imagenet_latents \
       --source=tfds --manual_dir=/data/imagenet --batch_size=256
+  python launch/extract_latents.py --tokenizer=runs/vavae_f16d32_small --source=folder \
+      --root=../shared/data/imagenet-sample-256 --resolution=64 --out_dir=/tmp/latents
   python launch/extract_latents.py --source=folder --root=../shared/data/imagenet-sample-256 \
       --allow_random --resolution=64 --out_dir=/tmp/latents           # smoke run, random VAE
+
+--tokenizer is a VA-VAE export folder (launch/convert.py vavae) or a VA-VAE trainer workdir
+(launch/train.py --config=configs/vavae_f16d32.py...: its config.json and latest checkpoint's
+autoencoder, the EMA weights when the run kept an EMA).
 
 Reference: extract_features.py (a posterior sample of each image and of its horizontal flip, the
 label; shards of 10,000) and datasets/img_latent_dataset.py (the latent stats). Each host writes
@@ -41,22 +47,25 @@ log = logging.getLogger("launch.extract_latents")
 
 
 def load_tokenizer(path: str, *, allow_random: bool, random_preset: str = "small", dtype=None):
-    """(AutoencoderKL, reference dict) from our export folder, or a random tiny VAE (smoke)."""
+    """(AutoencoderKL, reference dict) from our export folder, a vavae trainer workdir, or a
+    random tiny VAE (smoke)."""
     from vavae_jax import convert
 
     if path:
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"tokenizer {path!r} is not a directory (expected an export)")
-        if not (pathlib.Path(path) / "checkpoints").is_dir():
-            exported = convert.load_export(path, dtype=dtype)
-            ae = exported["autoencoder"]
-            return ae, dict(path=os.path.abspath(path), config=dataclasses.asdict(ae.config))
-        raise ValueError(
-            f"{path!r} looks like a vavae trainer workdir; export it first "
-            f"(launch/convert.py) and pass the export folder"
-        )
+            raise FileNotFoundError(
+                f"tokenizer {path!r} is not a directory (expected a VA-VAE export or a vavae "
+                f"trainer workdir)"
+            )
+        if (pathlib.Path(path) / "checkpoints").is_dir():
+            return convert.load_trainer_workdir(path, dtype=dtype)
+        exported = convert.load_export(path, dtype=dtype)
+        ae = exported["autoencoder"]
+        return ae, dict(path=os.path.abspath(path), config=dataclasses.asdict(ae.config))
     if not allow_random:
-        raise ValueError("--tokenizer is empty: give a VA-VAE export folder, or --allow_random")
+        raise ValueError(
+            "--tokenizer is empty: give a VA-VAE export folder or trainer workdir, or --allow_random"
+        )
     log.warning("the tokenizer has RANDOM weights: a smoke run, the latents mean nothing")
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
     import vavae_f16d32
@@ -154,21 +163,25 @@ def extract(
 
 
 def finalize(out_dir: str, shape: list[int], tokenizer_ref: dict, dtype: str) -> dict:
-    """index.json over every shard and latent_stats.npz over every unflipped latent."""
+    """index.json over every shard (num_classes: 1 + the largest label) and latent_stats.npz
+    over every unflipped latent."""
     files = sorted(glob.glob(os.path.join(out_dir, "latents-p*-*.array_record")))
     if not files:
         raise FileNotFoundError(f"no latent shards in {out_dir}")
-    shards, acc = [], latent_data.StatsAccumulator(shape[-1])
+    shards, acc, num_classes = [], latent_data.StatsAccumulator(shape[-1]), 0
     for f in files:
-        z, _ = latent_data.read_shard(f, shape, dtype)
+        z, y = latent_data.read_shard(f, shape, dtype)
         acc.update(z[:, 0])
         shards.append({"file": os.path.basename(f), "count": int(z.shape[0])})
+        if len(y):
+            num_classes = max(num_classes, int(y.max()) + 1)
     mean, std = acc.result()
     latent_data.save_stats(os.path.join(out_dir, latent_data.STATS_FILE), mean, std)
     index = dict(
         shape=shape,
         dtype=dtype,
         num_records=sum(s["count"] for s in shards),
+        num_classes=num_classes,
         shards=shards,
         tokenizer=tokenizer_ref,
     )
@@ -182,7 +195,9 @@ _FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     """Only when run as a script: tests import several launch modules into one process."""
-    flags.DEFINE_string("tokenizer", "", "VA-VAE export folder (launch/convert.py output).")
+    flags.DEFINE_string(
+        "tokenizer", "", "VA-VAE export folder (launch/convert.py output) or trainer workdir."
+    )
     flags.DEFINE_bool("allow_random", False, "Smoke run with a random tiny VA-VAE.")
     flags.DEFINE_string("out_dir", None, "Output folder.")
     flags.DEFINE_enum("source", "tfds", ["tfds", "folder"], "Image source.")
@@ -192,6 +207,7 @@ def define_flags() -> None:
     flags.DEFINE_string("tfds_data_dir", "", "tfds data dir.")
     flags.DEFINE_string("manual_dir", "", "imagenet2012 tars.")
     flags.DEFINE_integer("resolution", 256, "Image size.")
+    flags.DEFINE_integer("max_records", -1, "Encode only the first N records (-1: all).")
     flags.DEFINE_integer("batch_size", 256, "Global batch size.")
     flags.DEFINE_integer("batches_per_shard", 40, "Batches per shard file (per host).")
     flags.DEFINE_integer("worker_count", 8, "grain workers.")
@@ -218,6 +234,7 @@ def main(argv):
             resolution=_FLAGS.resolution,
             random_flip=False,
             worker_count=_FLAGS.worker_count,
+            max_records=_FLAGS.max_records,
         )
     )
     ae, ref = load_tokenizer(_FLAGS.tokenizer, allow_random=_FLAGS.allow_random)

@@ -119,7 +119,8 @@ def _autoencoder_config(ref: Any):
 
 
 def load_decoder(path: str, meta: dict[str, Any], dtype: str | None = None):
-    """The VA-VAE AutoencoderKL from --tokenizer or the checkpoint meta's tokenizer path."""
+    """The VA-VAE AutoencoderKL from --tokenizer or the checkpoint meta's tokenizer path: an
+    export directory, a vavae trainer workdir or an official .pt."""
     from vavae_jax import convert
 
     ref = meta.get("tokenizer") or {}
@@ -133,14 +134,11 @@ def load_decoder(path: str, meta: dict[str, Any], dtype: str | None = None):
     if p.is_dir():
         if (p / convert.EXPORT_JSON).is_file():
             return convert.load_export(p, dtype=dtype)["autoencoder"]
-        if (p / "checkpoints").is_dir():
-            raise ValueError(
-                f"tokenizer {path} looks like a VA-VAE trainer workdir; export it first "
-                f"(launch/convert.py) and pass the export directory with --tokenizer"
-            )
+        if (p / "checkpoints").is_dir():  # a vavae trainer workdir (launch/train.py)
+            return convert.load_trainer_workdir(p, dtype=dtype)[0]
         raise FileNotFoundError(
-            f"tokenizer {path} holds no {convert.EXPORT_JSON}: expected a VA-VAE export "
-            f"directory (launch/convert.py vavae --out=...)"
+            f"tokenizer {path} holds no {convert.EXPORT_JSON} and no checkpoints/: expected a "
+            f"VA-VAE export directory (launch/convert.py vavae --out=...) or trainer workdir"
         )
     if p.is_file():  # an official .pt: its architecture is the meta's tokenizer config
         cfg = _autoencoder_config(ref.get("config"))
@@ -506,7 +504,9 @@ def define_flags() -> None:
     """Only when run as a script: tests import several launch modules into one process."""
     flags.DEFINE_string("workdir", None, "LightningDiT run directory (launch/train.py --workdir).")
     flags.DEFINE_string("out", None, "Output directory for chunks, samples_<N>.npz or the grid.")
-    flags.DEFINE_string("tokenizer", "", "VA-VAE export dir. Default: the checkpoint meta's.")
+    flags.DEFINE_string(
+        "tokenizer", "", "VA-VAE export dir or trainer workdir. Default: the checkpoint meta's."
+    )
     flags.DEFINE_integer("step", None, "Checkpoint step. Default: the latest.")
     flags.DEFINE_integer("num_samples", 50_000, "Number of images (FID-50k: 50000).")
     flags.DEFINE_integer(

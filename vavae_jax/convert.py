@@ -550,6 +550,64 @@ def config_mismatch(saved: AutoencoderConfig, wanted: AutoencoderConfig) -> dict
     }
 
 
+def load_trainer_workdir(workdir: str | pathlib.Path, *, dtype=None, step: int | None = None):
+    """(AutoencoderKL, reference dict) from a vavae trainer workdir: the architecture from its
+    config.json, the weights of checkpoint `step` (default: the latest), the EMA weights when
+    the run kept an EMA (config.ema.enabled), else the trained generator's. Only the
+    autoencoder is read from the checkpoint (a partial restore)."""
+    import ml_collections
+    import orbax.checkpoint as ocp
+
+    from vavae_jax import train as vae_train  # imported here: train imports this module
+    from vavae_jax.runtime import checkpoint as ckpt_lib
+
+    path = ckpt_lib.as_path(workdir)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{workdir} has checkpoints/ but no config.json: not a vavae trainer workdir "
+            f"(launch/train.py --config=configs/vavae_f16d32.py writes both)"
+        )
+    config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    if config.get("trainer") != "vavae":
+        raise ValueError(
+            f"{workdir} is a {config.get('trainer')!r} run, not a VA-VAE one: pass the workdir "
+            f"of launch/train.py --config=configs/vavae_f16d32.py"
+        )
+    if dtype is not None:
+        config.dtype = dtype
+    ae_cfg = vae_train.autoencoder_config(config)
+    ae = nnx.eval_shape(lambda: AutoencoderKL(ae_cfg, rngs=nnx.Rngs(0)))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    params = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+        nnx.state(ae, nnx.Param),
+    )
+    group = "ema" if config.ema.enabled else "gen"
+    target = {group: {"autoencoder": params}}
+    ckpt = ckpt_lib.Checkpointer(path / "checkpoints", async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no VA-VAE checkpoint in {ckpt.directory}")
+        restored = ckpt.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True,
+                )
+            ),
+        )
+    finally:
+        ckpt.close()
+    nnx.update(ae, restored["state"][group]["autoencoder"])
+    log.info("tokenizer: %s weights of %s step %d", group, workdir, step)
+    ref = dict(path=str(path), config=dataclasses.asdict(ae_cfg), step=int(step), weights=group)
+    return ae, ref
+
+
 def load_tokenizer(
     path: str | pathlib.Path,
     config: AutoencoderConfig | None = None,
@@ -563,6 +621,14 @@ def load_tokenizer(
     With both an export and `config`, the architectures must match (ValueError naming fields).
     """
     path = pathlib.Path(path)
+    if path.is_dir() and (path / "checkpoints").is_dir() and not (path / EXPORT_JSON).is_file():
+        model, ref = load_trainer_workdir(path, dtype=None if config is None else config.dtype)
+        if config is not None and (diff := config_mismatch(model.config, config)):
+            raise ValueError(
+                f"{path} trained an autoencoder with another architecture; differing fields "
+                f"(run, requested): {diff}"
+            )
+        return model, {"autoencoder": model, "config": model.config, "trainer_run": ref}
     if path.is_dir():
         groups = load_export(path, dtype=None if config is None else config.dtype)
         if config is not None and (diff := config_mismatch(groups["config"], config)):
