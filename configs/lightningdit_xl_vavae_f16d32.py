@@ -10,6 +10,10 @@ Variants (comma-separated after a colon; `small` may be combined with any):
   configs/lightningdit_xl_vavae_f16d32.py:800ep    the 800-epoch run (1M steps; sample cfg 6.7)
   configs/lightningdit_xl_vavae_f16d32.py:small    a tiny model at CPU size
 Every field can be overridden with --config.a.b=value; mistyped names fail (lock_config=True).
+Memory per device of the real step on a target, from shapes only (no data, no accelerator):
+  python launch/compile_check.py --config=configs/lightningdit_xl_vavae_f16d32.py \
+      --topology=tpu:v5e-64 --config.mesh.fsdp=8
+The latents are the preset's [input_size, input_size, in_channels]: 16x16x32 for XL/1.
 """
 
 from __future__ import annotations
@@ -102,7 +106,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
 
     # --- devices -------------------------------------------------------------------------------
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    # num_devices: -1 uses every device (all hosts); N > 0 the first N (single-host debugging).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, num_devices=-1))
     c.sharding = "fsdp"  # "dp" replicates; "fsdp" splits the embed axis over mesh.fsdp
 
     # --- checkpoints and logging (reference log_every 100, ckpt_every 20000) ------------------

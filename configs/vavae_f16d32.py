@@ -10,6 +10,8 @@ Variants (comma-separated after a colon; `small` may be combined with any):
   configs/vavae_f16d32.py:small      shrinks model, teacher and batch: runs on a laptop CPU in
                                      minutes on ../shared/data/imagenet-sample-256
 Every field can be overridden with --config.a.b=value; mistyped names fail (lock_config=True).
+Memory per device of the real step on a target, from shapes only (no data, no weights, no
+accelerator): python launch/compile_check.py --config=configs/vavae_f16d32.py --topology=cpu:8
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Compiles a config's real train step for a target machine from shapes only: memory per device.
 
-  python launch/compile_check.py --config=configs/lightningdit.py:XL/1 --topology=tpu:v5e-64 \
-      --global_batch=1024 --config.mesh.fsdp=8
+  python launch/compile_check.py --config=configs/lightningdit_xl_vavae_f16d32.py:XL/1 \
+      --topology=tpu:v5e-64 --global_batch=1024 --config.mesh.fsdp=8
   python launch/compile_check.py --config=configs/vavae_f16d32.py --topology=cpu:8
+  python launch/compile_check.py --config=configs/vavae_f16d32.py:small --topology=cpu:8 \
+      --config.sharding=fsdp --config.mesh.fsdp=4
 
 Nothing is allocated and no accelerator is needed for the target: the trainer's
 `build_abstract_step(config, mesh)` hook gives the jitted step and `jax.ShapeDtypeStruct`

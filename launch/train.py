@@ -5,7 +5,10 @@
 
 Re-running the same command with the same --workdir resumes from its last checkpoint.
 Multi-host: started automatically on TPU VMs and SLURM; elsewhere pass --coordinator_address,
---num_processes and --process_id on every host.
+--num_processes and --process_id on every host (on CPU, collectives go over gloo):
+
+  python launch/train.py --config=... --workdir=runs/x \
+      --coordinator_address=host0:1234 --num_processes=2 --process_id=0   # and =1 on host 1
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ _DISTRIBUTED = flags.DEFINE_enum(
 _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_STOP = flags.DEFINE_integer(
+    "stop_after_steps",
+    None,
+    "Stop after this many steps of this invocation with a checkpoint, as on SIGTERM "
+    "(a planned preemption; rerun the same command to resume).",
+)
 flags.mark_flag_as_required("config")
 
 
@@ -64,7 +73,7 @@ def main(argv):
         from lightningdit_jax import train
     else:
         raise ValueError(f"config.trainer={trainer!r}: expected 'vavae' or 'lightningdit'")
-    train.run(config, workdir)
+    train.run(config, workdir, stop_after_steps=_STOP.value)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -219,6 +220,54 @@ class _Parse(grain.transforms.RandomMap):
         return {"latent": latent, "label": np.int32(label)}
 
 
+class GlobalBatchSampler:
+    """A grain sampler whose global batches do not depend on the number of hosts or workers.
+
+    One shuffled, endless stream of records (a new permutation every epoch) is cut into global
+    batches of `per_host * shard_count`; host h reads positions [h * per_host, (h + 1) * per_host)
+    of every global batch, so 1 host or N hosts train on the same batches (the same sets as the
+    reference's DistributedSampler, whose rank r reads perm[r::world_size]). The random flip is
+    drawn from the stream position, so it is host-independent as well. Checkpoints record
+    `repr(sampler)`: a run resumes with the same number of hosts and workers.
+
+    grain's DataLoader asks for global index g = local_index * shard_count + shard_index, and
+    with W workers, worker (k mod W) reads local indices k and emits whole batches, taken round
+    robin; `__getitem__` maps g back to (host batch n, position j) and then to its stream
+    position n * global_batch + h * per_host + j.
+    """
+
+    def __init__(self, num_records: int, per_host: int, shard_count: int, workers: int, seed: int):
+        if num_records <= 0:
+            raise ValueError(f"num_records={num_records}: the latent index lists no records")
+        self.num_records, self.per_host = num_records, per_host
+        self.shard_count, self.workers, self.seed = shard_count, max(workers, 1), seed
+        self._keys = grain.MapDataset.range(num_records).shuffle(seed=seed)
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __repr__(self) -> str:  # grain checks it on restore: a resumed run must read the same
+        return (
+            f"GlobalBatchSampler(num_records={self.num_records}, per_host={self.per_host}, "
+            f"shard_count={self.shard_count}, workers={self.workers}, seed={self.seed})"
+        )
+
+    def position(self, index: int) -> int:
+        """The stream position of the record that grain's global index `index` reads."""
+        host, local = index % self.shard_count, index // self.shard_count
+        worker, in_worker = local % self.workers, local // self.workers
+        batch = (in_worker // self.per_host) * self.workers + worker
+        return (batch * self.shard_count + host) * self.per_host + in_worker % self.per_host
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        pos = self.position(index)
+        return grain.RecordMetadata(
+            index=index,
+            record_key=int(self._keys[pos]),
+            rng=np.random.Generator(np.random.Philox(key=self.seed + pos)),
+        )
+
+
 class LatentIterator(Iterator[dict[str, np.ndarray]]):
     """Per-host batches {"latent" [B, h, w, C] float32, "label" [B] int32}; grain's
     get_state / set_state, so `grain.checkpoint.CheckpointSave(it)` accepts it."""
@@ -255,9 +304,9 @@ def make_train_iterator(
 ) -> tuple[LatentIterator, dict[str, Any]]:
     """The shuffled, endless training pipeline of this host, and the index of the latents.
 
-    Each host reads a disjoint 1/process_count of the records and yields
-    `global_batch_size // process_count` per batch. `stats` default to the data folder's
-    latent_stats.npz (needed when `latent_norm`)."""
+    Each host yields its `global_batch_size // process_count` slice of every global batch (see
+    `GlobalBatchSampler`). `stats` default to the data folder's latent_stats.npz (needed when
+    `latent_norm`)."""
     if not config.data_dir:
         raise ValueError("data.data_dir is empty: give the output folder of extract_latents.py")
     index = load_index(config.data_dir)
@@ -277,9 +326,8 @@ def make_train_iterator(
         shard_index=index_count, shard_count=count, drop_remainder=True
     )
     source = grain.sources.ArrayRecordDataSource(files)
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source), shard_options=shard, shuffle=True, num_epochs=None, seed=seed
-    )
+    per_host = global_batch_size // count
+    sampler = GlobalBatchSampler(len(source), per_host, count, config.worker_count, seed)
     parse = _Parse(
         index["shape"],
         index["dtype"],
@@ -288,7 +336,6 @@ def make_train_iterator(
         float(config.latent_multiplier),
         bool(config.random_flip),
     )
-    per_host = global_batch_size // count
     if config.worker_count > 0 and not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()  # grain reads absl flags in its workers (see vavae_jax.data)
     loader = grain.DataLoader(

@@ -16,8 +16,10 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -43,14 +45,22 @@ class TrainingDivergedError(RuntimeError):
     pass
 
 
-def compute_dtype(config) -> str:
+def compute_dtype(config, platform: str | None = None) -> str:
+    """config.dtype; "auto" is bfloat16 on GPU/TPU, float32 on CPU. `platform` is the target's
+    (a compile-only TPU mesh on a CPU host), by default JAX's backend."""
     if config.dtype == "auto":
-        return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
+        platform = platform or jax.default_backend()
+        return "bfloat16" if platform in ("gpu", "tpu") else "float32"
     return config.dtype
 
 
-def model_config(config, latent_shape=None) -> model_lib.LightningDiTConfig:
-    """The preset with the config's overrides; `latent_shape` [h, w, C] checks the data fits."""
+def model_config(
+    config, latent_shape=None, *, platform: str | None = None
+) -> model_lib.LightningDiTConfig:
+    """The preset with the config's overrides; `latent_shape` [h, w, C] checks the data fits.
+
+    The preset also fixes the latent shape the model trains on: [input_size, input_size,
+    in_channels], 16x16x32 for XL/1 (VA-VAE f16d32 at 256 px)."""
     m = config.model
     if m.preset not in model_lib.PRESETS:
         raise ValueError(f"model.preset={m.preset!r}: expected one of {sorted(model_lib.PRESETS)}")
@@ -60,7 +70,7 @@ def model_config(config, latent_shape=None) -> model_lib.LightningDiTConfig:
         remat_policy=m.remat_policy,
         scan_unroll=m.scan_unroll,
         attention_impl=m.attention_impl or None,
-        dtype=compute_dtype(config),
+        dtype=compute_dtype(config, platform),
     )
     if latent_shape is not None:
         h, w, c = latent_shape
@@ -118,6 +128,142 @@ def make_train_step(graphdef, tx, transport, ema_decay: float):
     return step
 
 
+# ---------------------------------------------------------------------------------------------
+# The step, its state and their shardings: one builder for `run`, sampling and AOT compiles
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """The train step with its state layout and shardings on a mesh, built from shapes only.
+
+    `run` jits it on real devices; `build_abstract_step` hands the same pieces to an
+    ahead-of-time compile for devices that may not exist here; `load_ema_model` restores into
+    `abstract_state`. State: dict(params, rest, opt, ema, step), every weight and Adam moment
+    sharded by the logical rules, scalars replicated.
+    """
+
+    fn: Callable  # (state, batch, rng_bits) -> (state, metrics); not jitted
+    graphdef: nnx.GraphDef
+    model_config: model_lib.LightningDiTConfig
+    init: Callable  # key -> initial state (pure: jit it with out_shardings=state_sharding)
+    abstract_state: dict[str, Any]  # jax.ShapeDtypeStruct leaves carrying their shardings
+    state_sharding: dict[str, Any]
+    abstract_batch: dict[str, jax.ShapeDtypeStruct]  # the global batch
+    batch_sharding: dict[str, jax.sharding.NamedSharding]
+    abstract_rng: jax.ShapeDtypeStruct  # raw key data (jax.random.key_data of a key)
+    replicated: jax.sharding.NamedSharding
+    donate_argnums: tuple[int, ...] = (0,)  # the state is updated in place
+
+    @property
+    def in_shardings(self):
+        return (self.state_sharding, self.batch_sharding, self.replicated)
+
+    @property
+    def out_shardings(self):
+        return (self.state_sharding, self.replicated)
+
+    def jit(self):
+        return jax.jit(
+            self.fn,
+            in_shardings=self.in_shardings,
+            out_shardings=self.out_shardings,
+            donate_argnums=self.donate_argnums,
+        )
+
+    def init_state(self, key: jax.Array) -> dict[str, Any]:
+        """The initial state, each array created directly in its sharding."""
+        return jax.jit(self.init, out_shardings=self.state_sharding)(key)
+
+
+def build_step(config, mesh, mcfg: model_lib.LightningDiTConfig) -> TrainStep:
+    """The step of `config` for `mcfg` on `mesh`, from shapes only (nothing is allocated)."""
+    tx = make_optimizer(config.optim)
+
+    def construct(key):
+        return model_lib.LightningDiT(mcfg, rngs=nnx.Rngs(key))
+
+    def init(key):
+        _, params, rest = nnx.split(construct(key), nnx.Param, ...)
+        return dict(
+            params=params,
+            rest=rest,
+            opt=tx.init(params),
+            ema=jax.tree.map(jnp.copy, params),  # reference: update_ema(ema, model, decay=0)
+            step=jnp.zeros((), jnp.int32),
+        )
+
+    abstract_key = jax.eval_shape(lambda: jax.random.key(0))
+    abstract_bits = jax.eval_shape(jax.random.key_data, abstract_key)
+    graphdef = nnx.graphdef(nnx.eval_shape(construct, abstract_key))
+    shapes = jax.eval_shape(init, abstract_key)
+    # Adam's moments are copies of the parameters' nnx.State, annotations included: one call
+    # shards them like their parameters (the count has no annotation: replicated).
+    state_sh = sharding.state_shardings(shapes, mesh, config.sharding)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    latent = (mcfg.input_size, mcfg.input_size, mcfg.in_channels)
+    b = int(config.global_batch_size)
+    batch_sh = {
+        "latent": sharding.batch_sharding(mesh, 1 + len(latent)),
+        "label": sharding.batch_sharding(mesh, 1),
+    }
+    step_fn = make_train_step(graphdef, tx, make_transport(config), config.ema.decay)
+
+    # The rng travels as raw key data (uint32): every argument is then a plain array, whose
+    # bytes the AOT report can count (it sizes arguments by numpy dtype).
+    def fn(state, batch, rng_bits):
+        return step_fn(state, batch, jax.random.wrap_key_data(rng_bits))
+
+    return TrainStep(
+        fn=fn,
+        graphdef=graphdef,
+        model_config=mcfg,
+        init=init,
+        abstract_state=_with_shardings(shapes, state_sh),
+        state_sharding=state_sh,
+        abstract_batch={
+            "latent": jax.ShapeDtypeStruct((b, *latent), jnp.float32, sharding=batch_sh["latent"]),
+            "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sh["label"]),
+        },
+        batch_sharding=batch_sh,
+        abstract_rng=jax.ShapeDtypeStruct(
+            abstract_bits.shape, abstract_bits.dtype, sharding=replicated
+        ),
+        replicated=replicated,
+    )
+
+
+def build_abstract_step(config, mesh):
+    """The real train step of `config` from shapes, for launch/compile_check.py.
+
+    Returns (fn, abstract_args, in_shardings, out_shardings, donate_argnums) as `run` jits them.
+    Needs no data (the latent shape is the preset's) and allocates nothing: `mesh` may hold
+    compile-only devices (a TPU topology, a deviceless GPU), whose platform picks the dtype.
+    """
+    validate_config(config, mesh)
+    step = build_step(config, mesh, model_config(config, platform=_platform(mesh)))
+    args = (step.abstract_state, step.abstract_batch, step.abstract_rng)
+    return step.fn, args, step.in_shardings, step.out_shardings, step.donate_argnums
+
+
+def _platform(mesh) -> str:
+    return mesh.devices.flat[0].platform
+
+
+def _with_shardings(shapes, shardings):
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+    )
+
+
+def make_mesh(config):
+    """The (`data`, `fsdp`) mesh of config.mesh over all devices or the first `num_devices`."""
+    n = config.mesh.num_devices
+    if n > jax.device_count():
+        raise ValueError(f"mesh.num_devices={n} but only {jax.device_count()} devices are visible")
+    return sharding.make_mesh(
+        config.mesh.data, config.mesh.fsdp, devices=jax.devices()[:n] if n > 0 else None
+    )
+
+
 def build_meta(config, stats, index) -> dict[str, Any]:
     """What sampling needs besides the weights: how to de-normalise and which VA-VAE decodes."""
     return dict(
@@ -126,16 +272,27 @@ def build_meta(config, stats, index) -> dict[str, Any]:
         latent_mean=[float(x) for x in stats["mean"]],
         latent_std=[float(x) for x in stats["std"]],
         latent_shape=list(index["shape"][1:]),
-        tokenizer=dict(
-            path=config.tokenizer.path or index.get("tokenizer", {}).get("path", ""),
-            config=config.tokenizer.config or index.get("tokenizer", {}).get("config", ""),
-        ),
+        tokenizer=_tokenizer_ref(config, index.get("tokenizer", {})),
         model_preset=config.model.preset,
     )
 
 
-def validate_config(config) -> None:
-    n_dev = jax.device_count()
+def _tokenizer_ref(config, extracted: dict) -> dict[str, Any]:
+    """The tokenizer to record: the latents' own (launch/extract_latents.py wrote its path and
+    exact architecture into index.json) unless config.tokenizer.path names another one."""
+    path = config.tokenizer.path
+    if path and "://" not in path:
+        path = os.path.abspath(path)  # sampling may run from another directory
+    same = not path or (
+        extracted.get("path") and os.path.realpath(path) == os.path.realpath(extracted["path"])
+    )
+    if same and extracted:
+        return dict(path=extracted.get("path", ""), config=extracted.get("config", ""))
+    return dict(path=path, config=config.tokenizer.config)
+
+
+def validate_config(config, mesh) -> None:
+    n_dev = mesh.devices.size
     if config.global_batch_size % n_dev:
         raise ValueError(
             f"global_batch_size={config.global_batch_size} is not divisible by the {n_dev} "
@@ -153,8 +310,8 @@ def run(
 ) -> dict[str, Any]:
     """Trains (or resumes) in `workdir`. `stop_after_steps` stops this invocation after that
     many steps exactly as SIGTERM does (checkpoint, then return): preemption on demand."""
-    validate_config(config)
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    mesh = make_mesh(config)
+    validate_config(config, mesh)
     workdir_path = ckpt_lib.as_path(workdir)
     rng = jax.random.key(config.seed)
 
@@ -173,49 +330,31 @@ def run(
         total_steps,
     )
 
-    # ---- model -------------------------------------------------------------------------------
-    mcfg = model_config(config, tuple(index["shape"][1:]))
-    model = sharding.create_sharded(
-        lambda: model_lib.LightningDiT(mcfg, rngs=nnx.Rngs(jax.random.fold_in(rng, 1))),
-        mesh,
-        config.sharding,
-    )
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = make_optimizer(config.optim)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state = dict(
-        params=params,
-        rest=rest,
-        opt=sharding.optimizer_init_sharded(tx, params, mesh),
-        ema=jax.tree.map(jnp.copy, params),  # reference: update_ema(ema, model, decay=0)
-        step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
-    )
+    # ---- the step, its state layout and shardings (shared with build_abstract_step) ---------
+    mcfg = model_config(config, tuple(index["shape"][1:]), platform=_platform(mesh))
+    if index.get("num_classes", 0) > mcfg.num_classes:
+        raise ValueError(
+            f"the latents in {config.data.data_dir} have labels up to {index['num_classes'] - 1} "
+            f"but model {config.model.preset} has num_classes={mcfg.num_classes}: larger labels "
+            f"would embed as the null (CFG) class or as NaN; extract fewer classes "
+            f"(launch/extract_latents.py --max_records) or use a preset with more classes"
+        )
+    train_step = build_step(config, mesh, mcfg)
+    graphdef, batch_sh = train_step.graphdef, train_step.batch_sharding
 
-    # ---- resume ------------------------------------------------------------------------------
+    # ---- resume or initialise ----------------------------------------------------------------
     ckpt = ckpt_lib.Checkpointer(workdir_path / "checkpoints", max_to_keep=config.keep_checkpoints)
     start_step = 0
     if ckpt.latest_step() is not None:
-        restored = ckpt.restore(None, ckpt_lib.abstract_like(state), data_iterator=train_iter)
+        restored = ckpt.restore(None, train_step.abstract_state, data_iterator=train_iter)
         state = restored["state"]
         start_step = int(state["step"])
         log.info("resumed from step %d in %s", start_step, ckpt.directory)
     else:
-        ckpt_lib.save_json(workdir_path / "config.json", config.to_dict())
-
-    # ---- the step ----------------------------------------------------------------------------
-    step_fn = make_train_step(graphdef, tx, make_transport(config), config.ema.decay)
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
-    shape = tuple(index["shape"][1:])
-    batch_sh = {
-        "latent": sharding.batch_sharding(mesh, 1 + len(shape)),
-        "label": sharding.batch_sharding(mesh, 1),
-    }
-    jit_step = jax.jit(
-        step_fn,
-        in_shardings=(state_sh, batch_sh, replicated),
-        out_shardings=(state_sh, replicated),
-        donate_argnums=(0,),
-    )
+        state = train_step.init_state(jax.random.fold_in(rng, 1))
+        if jax.process_index() == 0:  # one writer; every process saves the checkpoint
+            ckpt_lib.save_json(workdir_path / "config.json", config.to_dict())
+    jit_step = train_step.jit()
 
     # ---- loop --------------------------------------------------------------------------------
     writer = MetricWriter(workdir_path / "logs")
@@ -235,7 +374,7 @@ def run(
         while step < total_steps:
             batch = make_global_batch(next(train_iter), mesh, batch_sh)
             step_rng = jax.random.fold_in(jax.random.fold_in(rng, 2), step)
-            state, metrics = jit_step(state, batch, step_rng)
+            state, metrics = jit_step(state, batch, jax.random.key_data(step_rng))
             if pending is not None:
                 _check_finite(pending, last_good, ckpt)
             pending = (step, metrics)
@@ -312,39 +451,14 @@ def load_ema_model(workdir: str, mesh, *, step: int | None = None, dtype: str | 
     if dtype is not None:
         config.dtype = dtype
     meta = load_meta(workdir, step)
-    mcfg = model_config(config, tuple(meta["latent_shape"]))
-    abstract = nnx.eval_shape(lambda: model_lib.LightningDiT(mcfg, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    shardings = sharding.state_shardings(nnx.state(abstract), mesh, config.sharding)
-    p_sh, r_sh = nnx.split_state(shardings, nnx.Param, ...)
-    tx = make_optimizer(config.optim)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def sds(x, sh):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
-
-    p_abs = jax.tree.map(sds, params, p_sh)
-    # Moments sharded like their parameters (as sharding.optimizer_init_sharded makes them).
-    opt_abs = optax.tree_map_params(
-        tx,
-        lambda x, sh: sds(x, sh),
-        jax.eval_shape(tx.init, params),
-        p_sh,
-        transform_non_params=lambda x: sds(x, replicated),
-    )
-    abstract_state = dict(
-        params=p_abs,
-        rest=jax.tree.map(sds, rest, r_sh),
-        opt=opt_abs,
-        ema=p_abs,
-        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-    )
+    mcfg = model_config(config, tuple(meta["latent_shape"]), platform=_platform(mesh))
+    train_step = build_step(config, mesh, mcfg)
     ckpt = ckpt_lib.Checkpointer(path / "checkpoints", async_save=False)
     try:
-        state = ckpt.restore(meta["step"], abstract_state)["state"]
+        state = ckpt.restore(meta["step"], train_step.abstract_state)["state"]
     finally:
         ckpt.close()
-    return nnx.merge(graphdef, state["ema"], state["rest"]), meta, config
+    return nnx.merge(train_step.graphdef, state["ema"], state["rest"]), meta, config
 
 
 def _check_finite(pending, last_good, ckpt) -> None:

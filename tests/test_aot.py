@@ -1,7 +1,10 @@
-"""Ahead-of-time compile checks: topology parsing, per-device memory of a sharded step, the CLI.
+"""Ahead-of-time compile checks: topology parsing, per-device memory of a sharded step, the CLI,
+and the trainers' own `build_abstract_step` hooks.
 
-The step is a stand-in of the trainers' hook: a 2-layer NNX MLP with Adam, its state sharded by
-the project's logical rules over a (`data`, `fsdp`) mesh of the 8 fake CPU devices.
+The report tests use a stand-in of the trainers' hook: a 2-layer NNX MLP with Adam, its state
+sharded by the project's logical rules over a (`data`, `fsdp`) mesh of the 8 fake CPU devices.
+The hook tests at the end compile the real train steps of both trainers (small configs, and
+LightningDiT XL/1 at batch 1024) from shapes only.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +25,7 @@ from flax import nnx
 from vavae_jax.runtime import aot, sharding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "configs"))
 EMBED, HIDDEN = 256, 1024
 
 
@@ -250,3 +255,128 @@ def test_tpu_compiler_refusing_a_program_is_a_report():
     assert r["fits"] is False and r["total_bytes"] is None and "RESOURCE_EXHAUSTED" in r["error"]
     assert r["temp_bytes"] > r["hbm_available_bytes"] > 15 * aot.GiB
     assert "DOES NOT FIT" in aot.format_report(r)
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainers' hooks: their real steps, from shapes
+# ----------------------------------------------------------------------------------------------
+MEMORY_FIELDS = (
+    "argument_bytes",
+    "output_bytes",
+    "alias_bytes",
+    "temp_bytes",
+    "generated_code_bytes",
+    "total_bytes",
+)
+
+
+def _trainer_config(trainer: str, strategy: str) -> ml_collections.ConfigDict:
+    """The trainer's small config on (data=8) for "dp" or (data=2, fsdp=4) for "fsdp"."""
+    if trainer == "lightningdit":
+        import lightningdit_xl_vavae_f16d32
+
+        config = lightningdit_xl_vavae_f16d32.get_config("small")  # no data dir: not needed
+    else:
+        from tests.test_parallel import smallest_vavae_config
+
+        config = smallest_vavae_config(ROOT / "no-such-folder")  # the hook reads no images
+    config.sharding = strategy
+    config.mesh.update(dict(data=-1, fsdp=4 if strategy == "fsdp" else 1))
+    return config
+
+
+def _state_bytes_per_device(abstract_state) -> int:
+    return sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+        for x in jax.tree.leaves(abstract_state)
+    )
+
+
+def _new_live_arrays(before: set[int]) -> list:
+    return [a for a in jax.live_arrays() if id(a) not in before]
+
+
+@pytest.mark.parametrize("trainer", ["lightningdit", "vavae"])
+def test_trainer_hook_compiles_the_real_step(trainer):
+    """launch/compile_check.py's path: config -> mesh -> the trainer's hook -> compile report."""
+    cc = _compile_check_module()
+    hook = cc.load_hook(trainer)
+    reports, state_bytes = {}, {}
+    for strategy in ("dp", "fsdp"):
+        config = _trainer_config(trainer, strategy)
+        mesh = aot.abstract_mesh_for("cpu:8", data=config.mesh.data, fsdp=config.mesh.fsdp)
+        before = {id(a) for a in jax.live_arrays()}
+        fn, args, in_sh, out_sh, donate = hook(config, mesh)
+        assert not _new_live_arrays(before)  # shapes only: nothing allocated
+        assert donate == (0,)
+        for x in jax.tree.leaves(args):
+            assert isinstance(x, jax.ShapeDtypeStruct) and x.sharding.mesh == mesh
+        state_bytes[strategy] = _state_bytes_per_device(args[0])
+        reports[strategy] = cc.check(config, "cpu:8", hook)
+    dp, fsdp = reports["dp"], reports["fsdp"]
+    assert (dp["mesh"], fsdp["mesh"]) == ({"data": 8, "fsdp": 1}, {"data": 2, "fsdp": 4})
+    for r in (dp, fsdp):
+        assert all(isinstance(r[k], int) and r[k] >= 0 for k in MEMORY_FIELDS), r
+        assert r["total_bytes"] > 0 and r["flops_per_device"] > 0
+        # jit drops arguments the step never reads (the teacher's 64-float mask token).
+        assert 0 <= r["argument_bytes_from_shardings"] - r["argument_bytes"] <= 256
+        assert "per device" in aot.format_report(r)
+    # The state (weights, Adam moments, EMA) is donated: its buffers are reused for the output.
+    assert dp["alias_bytes"] >= state_bytes["dp"] and fsdp["alias_bytes"] >= state_bytes["fsdp"]
+    # FSDP splits every weight with an `embed` (LightningDiT) or `conv_out` (VA-VAE) axis over
+    # fsdp=4; what has none (biases and norms over other axes, the frozen LPIPS and teacher,
+    # the batch split 8 ways in both) stays as it is.
+    assert fsdp["argument_bytes"] < dp["argument_bytes"]
+    saved = dp["argument_bytes"] - fsdp["argument_bytes"]
+    assert saved == state_bytes["dp"] - state_bytes["fsdp"]
+    assert state_bytes["fsdp"] < 0.4 * state_bytes["dp"], state_bytes
+
+
+def test_lightningdit_xl1_full_size_compiles_from_shapes():
+    """XL/1 at the paper's global batch 1024 with fsdp=8 on 8 CPU devices: nothing allocated,
+    the ~10 GiB of state (weights, EMA, two Adam moments) split eight ways."""
+    import lightningdit_xl_vavae_f16d32
+
+    from lightningdit_jax import train
+
+    config = lightningdit_xl_vavae_f16d32.get_config()  # XL/1, global batch 1024
+    config.mesh.update(dict(data=-1, fsdp=8))
+    assert (config.model.preset, config.global_batch_size) == ("XL/1", 1024)
+    mesh = aot.abstract_mesh_for("cpu:8", data=-1, fsdp=8)
+    before = {id(a) for a in jax.live_arrays()}
+    fn, args, in_sh, out_sh, donate = train.build_abstract_step(config, mesh)
+    assert not _new_live_arrays(before)
+    state, batch = args[0], args[1]
+    assert batch["latent"].shape == (1024, 16, 16, 32)  # f16d32 latents of 256 px images
+    total = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state))
+    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))
+    assert 670e6 < num_params < 680e6  # LightningDiT-XL/1: 675M
+    assert total == pytest.approx(4 * 4 * num_params, rel=1e-3)  # params, EMA, mu, nu (f32)
+    # Weights without an embed axis (a few biases and norms) stay whole: a little above 1/8.
+    assert total / 8 < _state_bytes_per_device(state) < 1.01 * total / 8
+    r = aot.compile_report(fn, args, in_sh, out_sh, donate)
+    assert r["argument_bytes"] == r["argument_bytes_from_shardings"]
+    assert r["argument_bytes"] < 1.01 * total / 8 + 1024 * 16 * 16 * 32 * 4 // 8 + 1024
+    assert r["alias_bytes"] >= _state_bytes_per_device(state)
+    assert all(r[k] >= 0 for k in MEMORY_FIELDS) and r["flops_loops_counted_once"]
+
+
+def test_vavae_hook_reads_no_weights():
+    """The full-size VA-VAE hook takes the teacher's shapes from teacher.preset (dinov2-large)
+    and LPIPS's from its class: no download, no file, although lpips.path is empty and the
+    teacher a hub id, which `run` would refuse or download."""
+    import vavae_f16d32
+
+    from vavae_jax import train
+
+    config = vavae_f16d32.get_config()
+    assert config.teacher.path == "facebook/dinov2-large" and config.lpips.path == ""
+    mesh = aot.abstract_mesh_for("cpu:8", data=-1, fsdp=1)
+    before = {id(a) for a in jax.live_arrays()}
+    _, args, _, _, _ = train.build_abstract_step(config, mesh)
+    assert not _new_live_arrays(before)
+    frozen = args[1]
+    teacher_params = sum(math.prod(x.shape) for x in jax.tree.leaves(frozen["teacher"]))
+    assert 300e6 < teacher_params < 310e6  # DINOv2 ViT-L/14: 304M
+    assert sum(math.prod(x.shape) for x in jax.tree.leaves(frozen["lpips"])) > 14e6  # VGG16
+    assert args[2]["image"].shape == (256, 256, 256, 3)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
+import pathlib
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -21,6 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from vavae_jax import data as data_lib
 from vavae_jax import discriminator as disc_lib
@@ -42,13 +46,16 @@ class TrainingDivergedError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
-def compute_dtype(config) -> jnp.dtype:
+def compute_dtype(config, platform: str | None = None) -> jnp.dtype:
+    """config.dtype; "auto" is bfloat16 on GPU/TPU, float32 on CPU. `platform` is the target's
+    (a compile-only TPU mesh on a CPU host), by default JAX's backend."""
     if config.dtype == "auto":
-        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+        platform = platform or jax.default_backend()
+        return jnp.bfloat16 if platform in ("gpu", "tpu") else jnp.float32
     return jnp.dtype(config.dtype)
 
 
-def autoencoder_config(config) -> model_lib.AutoencoderConfig:
+def autoencoder_config(config, *, platform: str | None = None) -> model_lib.AutoencoderConfig:
     m = config.model
     return model_lib.AutoencoderConfig(
         ch=m.ch,
@@ -62,16 +69,22 @@ def autoencoder_config(config) -> model_lib.AutoencoderConfig:
         out_ch=m.out_ch,
         double_z=m.double_z,
         dropout=m.dropout,
-        dtype=jnp.dtype(compute_dtype(config)).name,
+        dtype=jnp.dtype(compute_dtype(config, platform)).name,
     )
 
 
-def validate_config(config) -> None:
-    n_dev = config.mesh.num_devices if config.mesh.num_devices > 0 else jax.device_count()
-    if n_dev > jax.device_count():
-        raise ValueError(
-            f"mesh.num_devices={n_dev} but only {jax.device_count()} devices are visible"
-        )
+def make_mesh(config):
+    """The (`data`, `fsdp`) mesh of config.mesh over all devices or the first `num_devices`."""
+    n = config.mesh.num_devices
+    if n > jax.device_count():
+        raise ValueError(f"mesh.num_devices={n} but only {jax.device_count()} devices are visible")
+    return sharding.make_mesh(
+        config.mesh.data, config.mesh.fsdp, devices=jax.devices()[:n] if n > 0 else None
+    )
+
+
+def validate_config(config, mesh) -> None:
+    n_dev = mesh.devices.size
     if config.global_batch_size % n_dev:
         raise ValueError(
             f"global_batch_size={config.global_batch_size} is not divisible by the {n_dev} "
@@ -147,15 +160,51 @@ def build_frozen(config, cdt):
             config.lpips.path, allow_random=config.lpips.allow_random, dtype=jnp.dtype(cdt).name
         )
     teacher = build_teacher(config.teacher, cdt) if config.use_vf else None
-    if teacher is not None:
-        latent = config.model.resolution // 2 ** (len(config.model.ch_mult) - 1)
-        if teacher.grid_size != latent:
-            raise ValueError(
-                f"the teacher sees a {teacher.grid_size}x{teacher.grid_size} token grid "
-                f"(teacher.resolution={config.teacher.resolution}, patch 14) but the latents are "
-                f"{latent}x{latent}; set teacher.resolution={latent * 14}"
-            )
+    _check_teacher_grid(config, teacher)
     return lp, teacher
+
+
+def abstract_frozen(config, cdt):
+    """The frozen networks as shapes only (nnx.eval_shape): no weights are read or downloaded.
+    The teacher's shapes are those of teacher.preset, or of the config.json of a local
+    teacher.path folder."""
+    dtype = jnp.dtype(cdt).name
+    lp = nnx.eval_shape(lambda: lpips_lib.LPIPS(dtype, rngs=nnx.Rngs(0)))
+    teacher = None
+    if config.use_vf:
+        tcfg = _teacher_shape_config(config.teacher, dtype)
+        teacher = nnx.eval_shape(
+            lambda: foundation.DinoV2Teacher(
+                foundation.Dinov2Model(tcfg, rngs=nnx.Rngs(0)),
+                resolution=config.teacher.resolution,
+            )
+        )
+    _check_teacher_grid(config, teacher)
+    return lp, teacher
+
+
+def _teacher_shape_config(tcfg, dtype: str) -> foundation.Dinov2Config:
+    config_file = pathlib.Path(tcfg.path).expanduser() / "config.json" if tcfg.path else None
+    if config_file is not None and config_file.is_file():
+        return foundation.Dinov2Config.from_hf_dict(
+            json.loads(config_file.read_text()), dtype=dtype
+        )
+    presets = {**foundation.PRESETS, **SMOKE_TEACHERS}
+    if tcfg.preset not in presets:
+        raise ValueError(f"teacher.preset={tcfg.preset!r}: expected one of {sorted(presets)}")
+    return dataclasses.replace(presets[tcfg.preset], dtype=dtype)
+
+
+def _check_teacher_grid(config, teacher) -> None:
+    if teacher is None:
+        return
+    latent = config.model.resolution // 2 ** (len(config.model.ch_mult) - 1)
+    if teacher.grid_size != latent:
+        raise ValueError(
+            f"the teacher sees a {teacher.grid_size}x{teacher.grid_size} token grid "
+            f"(teacher.resolution={config.teacher.resolution}, patch 14) but the latents are "
+            f"{latent}x{latent}; set teacher.resolution={latent * 14}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +268,219 @@ def stage_at(stages: list[Stage], step: int) -> Stage:
 
 
 # ---------------------------------------------------------------------------------------------
+# The step, its state and their shardings: one builder for `run` and AOT compiles
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """The train step with its state layout and shardings on a mesh, built from shapes only.
+
+    `run` jits it on real devices; `build_abstract_step` hands the same pieces to an
+    ahead-of-time compile for devices that may not exist here. State: dict(gen, gen_rest, disc,
+    disc_stats, opt_g, opt_d, step[, ema]), weights and Adam moments sharded by the logical
+    rules, scalars replicated. The frozen LPIPS / teacher states are replicated.
+    """
+
+    fn: Callable  # (state, frozen, batch, rng_bits, hparams) -> (state, metrics); not jitted
+    gen_def: nnx.GraphDef
+    ae_config: model_lib.AutoencoderConfig
+    init: Callable  # key -> initial state (pure: jit it with out_shardings=state_sharding)
+    optimizer_init: Callable  # (gen params, disc params) -> (opt_g, opt_d), pure
+    abstract_state: dict[str, Any]  # jax.ShapeDtypeStruct leaves carrying their shardings
+    state_sharding: dict[str, Any]
+    abstract_frozen: dict[str, Any]
+    abstract_batch: dict[str, jax.ShapeDtypeStruct]  # the global batch
+    batch_sharding: dict[str, jax.sharding.NamedSharding]
+    abstract_rng: jax.ShapeDtypeStruct  # raw key data (jax.random.key_data of a key)
+    abstract_hparams: dict[str, jax.ShapeDtypeStruct]
+    replicated: jax.sharding.NamedSharding
+    donate_argnums: tuple[int, ...] = (0,)  # the state is updated in place
+
+    @property
+    def in_shardings(self):
+        r = self.replicated
+        return (self.state_sharding, r, self.batch_sharding, r, r)
+
+    @property
+    def out_shardings(self):
+        return (self.state_sharding, self.replicated)
+
+    @property
+    def abstract_args(self):
+        return (
+            self.abstract_state,
+            self.abstract_frozen,
+            self.abstract_batch,
+            self.abstract_rng,
+            self.abstract_hparams,
+        )
+
+    def jit(self):
+        return jax.jit(
+            self.fn,
+            in_shardings=self.in_shardings,
+            out_shardings=self.out_shardings,
+            donate_argnums=self.donate_argnums,
+        )
+
+    def init_state(self, key: jax.Array) -> dict[str, Any]:
+        """The initial state, each array created directly in its sharding."""
+        return jax.jit(self.init, out_shardings=self.state_sharding)(key)
+
+    def reset_optimizers(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Fresh Adam states for the current weights (a stage boundary), in their shardings."""
+        out_sh = (self.state_sharding["opt_g"], self.state_sharding["opt_d"])
+        opt_g, opt_d = jax.jit(self.optimizer_init, out_shardings=out_sh)(
+            state["gen"], state["disc"]
+        )
+        return dict(state, opt_g=opt_g, opt_d=opt_d)
+
+
+def build_step(config, mesh, lp, teacher) -> TrainStep:
+    """The step of `config` on `mesh` from shapes only (nothing is allocated). `lp` and
+    `teacher` (None without the VF loss) are the frozen networks, real or `abstract_frozen`."""
+    platform = mesh.devices.flat[0].platform
+    cdt = compute_dtype(config, platform)
+    ae_cfg = autoencoder_config(config, platform=platform)
+    teacher_dim = teacher.feature_dim if teacher is not None else None
+    disc_cfg = disc_lib.DiscriminatorConfig(
+        input_nc=ae_cfg.out_ch, ndf=config.loss.disc_ndf, n_layers=config.loss.disc_num_layers
+    )
+    tx_g = make_optimizer(config.optim.lr, config.optim)
+    tx_d = make_optimizer(config.optim.disc_lr, config.optim)
+    step_cfg = StepConfig(
+        kl_weight=config.loss.kl_weight,
+        perceptual_weight=config.loss.perceptual_weight,
+        disc_factor=config.loss.disc_factor,
+        disc_weight=config.loss.disc_weight,
+        disc_loss=config.loss.disc_loss,
+        adaptive_vf=config.loss.adaptive_vf,
+        distmat_weight=config.loss.distmat_weight,
+        cos_weight=config.loss.cos_weight,
+        use_vf=config.use_vf,
+        train_logvar=config.loss.train_logvar,
+        lpips_dropout=config.loss.lpips_dropout,
+        ema_decay=config.ema.decay if config.ema.enabled else None,
+        compute_dtype=cdt,
+    )
+
+    def construct(key):
+        k_gen, k_disc = jax.random.split(key)
+        gen = Generator(ae_cfg, teacher_dim, config.loss.logvar_init, rngs=nnx.Rngs(k_gen))
+        disc = disc_lib.NLayerDiscriminator(disc_cfg, rngs=nnx.Rngs(k_disc))
+        return gen, disc
+
+    def optimizer_init(gen_params, disc_params):
+        return tx_g.init(gen_params), tx_d.init(disc_params)
+
+    def init(key):
+        gen, disc = construct(key)
+        _, gen_params, gen_rest = nnx.split(gen, nnx.Param, ...)
+        _, disc_params, disc_stats = nnx.split(disc, nnx.Param, nnx.BatchStat)
+        opt_g, opt_d = optimizer_init(gen_params, disc_params)
+        state = dict(
+            gen=gen_params,
+            gen_rest=gen_rest,
+            disc=disc_params,
+            disc_stats=disc_stats,
+            opt_g=opt_g,
+            opt_d=opt_d,
+            step=jnp.zeros((), jnp.int32),
+        )
+        if step_cfg.ema_decay is not None:
+            state["ema"] = jax.tree.map(jnp.copy, gen_params)
+        return state
+
+    abstract_key = jax.eval_shape(lambda: jax.random.key(0))
+    abstract_bits = jax.eval_shape(jax.random.key_data, abstract_key)
+    gen, disc = nnx.eval_shape(construct, abstract_key)
+    shapes = jax.eval_shape(init, abstract_key)
+    # Adam's moments are copies of the parameters' nnx.State, annotations included: one call
+    # shards them like their parameters (counts have no annotation: replicated).
+    state_sh = sharding.state_shardings(shapes, mesh, config.sharding)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    lp_def = nnx.graphdef(lp)
+    t_def = nnx.graphdef(teacher) if teacher is not None else None
+
+    def lpips_fn(frozen_state, a, b, dropout_rng):
+        return nnx.merge(lp_def, frozen_state["lpips"])(a, b, dropout_rng=dropout_rng)
+
+    def teacher_fn(frozen_state, x):
+        return nnx.merge(t_def, frozen_state["teacher"])(x)
+
+    step_fn = make_train_step(
+        nnx.graphdef(gen),
+        nnx.graphdef(disc),
+        lpips_fn,
+        teacher_fn if config.use_vf else None,
+        tx_g,
+        tx_d,
+        step_cfg,
+    )
+
+    # The rng travels as raw key data (uint32): every argument is then a plain array, whose
+    # bytes the AOT report can count (it sizes arguments by numpy dtype).
+    def fn(state, frozen, batch, rng_bits, hparams):
+        return step_fn(state, frozen, batch, jax.random.wrap_key_data(rng_bits), hparams)
+
+    frozen = frozen_state(lp, teacher)
+    r, b = ae_cfg.resolution, int(config.global_batch_size)
+    batch_sh = {"image": sharding.batch_sharding(mesh, 4)}
+    hparams = jax.eval_shape(lambda: _hparams(make_schedule(config, 1)[0], 0))
+    return TrainStep(
+        fn=fn,
+        gen_def=nnx.graphdef(gen),
+        ae_config=ae_cfg,
+        init=init,
+        optimizer_init=optimizer_init,
+        abstract_state=_with_shardings(shapes, state_sh),
+        state_sharding=state_sh,
+        abstract_frozen=_with_shardings(frozen, replicated),
+        abstract_batch={
+            "image": jax.ShapeDtypeStruct(
+                (b, r, r, ae_cfg.in_channels), jnp.float32, sharding=batch_sh["image"]
+            )
+        },
+        batch_sharding=batch_sh,
+        abstract_rng=jax.ShapeDtypeStruct(
+            abstract_bits.shape, abstract_bits.dtype, sharding=replicated
+        ),
+        abstract_hparams=_with_shardings(hparams, replicated),
+        replicated=replicated,
+    )
+
+
+def frozen_state(lp, teacher) -> dict[str, Any]:
+    """The step's `frozen` argument: the states of LPIPS and the teacher."""
+    return dict(lpips=nnx.state(lp), teacher=nnx.state(teacher) if teacher is not None else {})
+
+
+def build_abstract_step(config, mesh):
+    """The real train step of `config` from shapes, for launch/compile_check.py.
+
+    Returns (fn, abstract_args, in_shardings, out_shardings, donate_argnums) as `run` jits them.
+    Reads no data and no weights (LPIPS and the teacher are shapes: teacher.preset) and
+    allocates nothing: `mesh` may hold compile-only devices (a TPU topology, a deviceless GPU),
+    whose platform picks the compute dtype.
+    """
+    validate_config(config, mesh)
+    lp, teacher = abstract_frozen(config, compute_dtype(config, mesh.devices.flat[0].platform))
+    step = build_step(config, mesh, lp, teacher)
+    return step.fn, step.abstract_args, step.in_shardings, step.out_shardings, step.donate_argnums
+
+
+def _with_shardings(tree, shardings):
+    """jax.ShapeDtypeStructs of `tree`'s arrays carrying `shardings` (a tree or one sharding)."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree
+        )
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Run
 # ---------------------------------------------------------------------------------------------
 def run(
@@ -226,12 +488,9 @@ def run(
 ) -> dict[str, Any]:
     """Trains (or resumes) in `workdir`. `stop_after_steps` stops this invocation after that
     many steps exactly as SIGTERM does (checkpoint, then return): preemption on demand."""
-    validate_config(config)
-    cdt = compute_dtype(config)
-    n = config.mesh.num_devices
-    mesh = sharding.make_mesh(
-        config.mesh.data, config.mesh.fsdp, devices=jax.devices()[:n] if n > 0 else None
-    )
+    mesh = make_mesh(config)
+    validate_config(config, mesh)
+    cdt = compute_dtype(config, mesh.devices.flat[0].platform)
     log.info("mesh: %s, compute dtype %s", dict(mesh.shape), jnp.dtype(cdt).name)
     workdir_path = ckpt_lib.as_path(workdir)
     rng = jax.random.key(config.seed)
@@ -251,102 +510,32 @@ def run(
         len(stages),
     )
 
-    # ---- models ------------------------------------------------------------------------------
-    ae_cfg = autoencoder_config(config)
+    # ---- the step, its state layout and shardings (shared with build_abstract_step) ---------
     lp, teacher = build_frozen(config, cdt)
-    teacher_dim = teacher.feature_dim if teacher is not None else None
-    rules = config.sharding
-    init_rngs = jax.random.split(jax.random.fold_in(rng, 1), 2)
-    gen = sharding.create_sharded(
-        lambda: Generator(
-            ae_cfg, teacher_dim, config.loss.logvar_init, rngs=nnx.Rngs(init_rngs[0])
-        ),
-        mesh,
-        rules,
-    )
-    disc_cfg = disc_lib.DiscriminatorConfig(
-        input_nc=ae_cfg.out_ch, ndf=config.loss.disc_ndf, n_layers=config.loss.disc_num_layers
-    )
-    disc = sharding.create_sharded(
-        lambda: disc_lib.NLayerDiscriminator(disc_cfg, rngs=nnx.Rngs(init_rngs[1])), mesh, rules
-    )
-    if config.init_from:
-        init_generator_from(gen, config.init_from, ae_cfg)
+    train_step = build_step(config, mesh, lp, teacher)
+    gen_def = train_step.gen_def
+    frozen = jax.device_put(frozen_state(lp, teacher), train_step.replicated)
 
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    gen_def, gen_params, gen_rest = nnx.split(gen, nnx.Param, ...)
-    disc_def, disc_params, disc_stats = nnx.split(disc, nnx.Param, nnx.BatchStat)
-    tx_g = make_optimizer(config.optim.lr, config.optim)
-    tx_d = make_optimizer(config.optim.disc_lr, config.optim)
-    step_cfg = StepConfig(
-        kl_weight=config.loss.kl_weight,
-        perceptual_weight=config.loss.perceptual_weight,
-        disc_factor=config.loss.disc_factor,
-        disc_weight=config.loss.disc_weight,
-        disc_loss=config.loss.disc_loss,
-        adaptive_vf=config.loss.adaptive_vf,
-        distmat_weight=config.loss.distmat_weight,
-        cos_weight=config.loss.cos_weight,
-        use_vf=config.use_vf,
-        train_logvar=config.loss.train_logvar,
-        lpips_dropout=config.loss.lpips_dropout,
-        ema_decay=config.ema.decay if config.ema.enabled else None,
-        compute_dtype=cdt,
-    )
-
-    def init_opt(params_g, params_d):
-        return (
-            sharding.optimizer_init_sharded(tx_g, params_g, mesh),
-            sharding.optimizer_init_sharded(tx_d, params_d, mesh),
-        )
-
-    opt_g, opt_d = init_opt(gen_params, disc_params)
-    state = dict(
-        gen=gen_params,
-        gen_rest=gen_rest,
-        disc=disc_params,
-        disc_stats=disc_stats,
-        opt_g=opt_g,
-        opt_d=opt_d,
-        step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
-    )
-    if step_cfg.ema_decay is not None:
-        state["ema"] = jax.tree.map(jnp.copy, gen_params)
-
-    # ---- resume ------------------------------------------------------------------------------
+    # ---- resume or initialise ----------------------------------------------------------------
     ckpt = ckpt_lib.Checkpointer(workdir_path / "checkpoints", max_to_keep=config.keep_checkpoints)
     start_step = 0
     if ckpt.latest_step() is not None:
-        restored = ckpt.restore(None, ckpt_lib.abstract_like(state), data_iterator=train_iter)
+        restored = ckpt.restore(None, train_step.abstract_state, data_iterator=train_iter)
         state = restored["state"]
         start_step = int(state["step"])
         log.info("resumed from step %d in %s", start_step, ckpt.directory)
     else:
-        ckpt_lib.save_json(workdir_path / "config.json", config.to_dict())
-
-    # ---- the step ----------------------------------------------------------------------------
-    frozen = dict(lpips=nnx.state(lp), teacher=nnx.state(teacher) if teacher is not None else {})
-    lp_def = nnx.graphdef(lp)
-    t_def = nnx.graphdef(teacher) if teacher is not None else None
-
-    def lpips_fn(frozen_state, a, b, dropout_rng):
-        return nnx.merge(lp_def, frozen_state["lpips"])(a, b, dropout_rng=dropout_rng)
-
-    def teacher_fn(frozen_state, x):
-        return nnx.merge(t_def, frozen_state["teacher"])(x)
-
-    step_fn = make_train_step(
-        gen_def, disc_def, lpips_fn, teacher_fn if config.use_vf else None, tx_g, tx_d, step_cfg
-    )
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
-    frozen = jax.device_put(frozen, replicated)
-    batch_sh = {"image": sharding.batch_sharding(mesh, 4)}
-    jit_step = jax.jit(
-        step_fn,
-        in_shardings=(state_sh, None, batch_sh, replicated, replicated),
-        out_shardings=(state_sh, replicated),
-        donate_argnums=(0,),
-    )
+        state = train_step.init_state(jax.random.fold_in(rng, 1))
+        if config.init_from:
+            gen = nnx.merge(gen_def, state["gen"], state["gen_rest"])
+            init_generator_from(gen, config.init_from, train_step.ae_config)
+            _, state["gen"], state["gen_rest"] = nnx.split(gen, nnx.Param, ...)
+            if "ema" in state:
+                state["ema"] = jax.tree.map(jnp.copy, state["gen"])
+            # Adam's moments start at zero whatever the weights: opt_g needs no new init.
+        if jax.process_index() == 0:  # one writer; every process saves the checkpoint
+            ckpt_lib.save_json(workdir_path / "config.json", config.to_dict())
+    jit_step = train_step.jit()
 
     # ---- loop --------------------------------------------------------------------------------
     writer = MetricWriter(workdir_path / "logs")
@@ -369,7 +558,7 @@ def run(
             new_stage = stage_at(stages, step)
             if new_stage != stage:
                 if stage is not None and new_stage.reset_optimizers:
-                    state["opt_g"], state["opt_d"] = init_opt(state["gen"], state["disc"])
+                    state = train_step.reset_optimizers(state)
                     log.info("stage boundary at step %d: optimizers restarted", step)
                 stage = new_stage
                 hparams = _hparams(stage, 0)
@@ -380,7 +569,7 @@ def run(
                 grid_batch = batch["image"][: config.num_grid_images]
             hparams = _hparams(stage, step - stage.start)
             step_rng = jax.random.fold_in(jax.random.fold_in(rng, 2), step)
-            state, metrics = jit_step(state, frozen, batch, step_rng, hparams)
+            state, metrics = jit_step(state, frozen, batch, jax.random.key_data(step_rng), hparams)
             if pending is not None:
                 _check_finite(pending, last_good, ckpt)
             pending = (step, metrics)
@@ -472,6 +661,9 @@ def _progress(config, start, total):
 def _write_grid(gen_def, state, images, writer, workdir_path, step) -> None:
     gen = nnx.merge(gen_def, state.get("ema", state["gen"]), state["gen_rest"])
     rec = _reconstruct(gen.autoencoder, images)
+    # Both are split over every host's devices: gather them (a collective, so every process
+    # calls this; only process 0 writes).
+    images, rec = multihost_utils.process_allgather((images, rec), tiled=True)
     grid = image_grid([np.asarray(images), np.asarray(rec)])
     writer.image(step, "reconstructions", grid)
     if jax.process_index() == 0:

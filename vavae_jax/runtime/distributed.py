@@ -64,7 +64,18 @@ def initialize(
         kwargs or "auto-detect",
         cluster or "explicit",
     )
+    enable_cpu_collectives()
     jax.distributed.initialize(**kwargs)
+
+
+def enable_cpu_collectives() -> None:
+    """Cross-process collectives on CPU need an implementation chosen before the CPU backend
+    starts; without one, a multi-process CPU run fails at its first cross-process computation.
+    Picks gloo (TCP, set up through the distributed client; JAX 0.10's default, none in older
+    versions) unless one is already chosen, e.g. mpi by JAX_CPU_COLLECTIVES_IMPLEMENTATION.
+    Harmless on GPU and TPU."""
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
 def describe() -> str:
