@@ -102,10 +102,7 @@ def bench_train(torch, models, create_transport, preset: str, batch: int, iters:
 
     r = _time(torch, step, iters)
     r["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    del model, ema, opt
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    return r
+    return r  # the models are freed with this frame (main empties the cache)
 
 
 def bench_cfg_forward(torch, models, preset: str, batch: int, iters: int) -> dict:
@@ -124,10 +121,7 @@ def bench_cfg_forward(torch, models, preset: str, batch: int, iters: int) -> dic
         with torch.autocast("cuda", dtype=torch.bfloat16):
             model.forward_with_cfg(x, t, y, 10.0, True, 0.11)
 
-    r = _time(torch, fwd, iters)
-    del model
-    torch.cuda.empty_cache()
-    return r
+    return _time(torch, fwd, iters)
 
 
 def main():
@@ -144,7 +138,6 @@ def main():
     sys.path.insert(0, str(ref))
     _stub_fairscale()
     import torch
-
     from models.lightningdit import LightningDiT_models
     from transport import create_transport
 
@@ -156,6 +149,8 @@ def main():
     for spec in filter(None, args.train.split(";")):
         preset, b = spec.split(",")
         r = bench_train(torch, LightningDiT_models, create_transport, preset, int(b), args.iters)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
         r.update(case=f"reference_train_{preset}", batch=int(b), img_per_s=int(b) / r["median_s"])
         print(f"  {r['case']} b{b}: {r['median_s'] * 1e3:.1f} ms, {r['img_per_s']:.1f} img/s")
         results.append(r)
