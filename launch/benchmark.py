@@ -114,7 +114,14 @@ def data_parallel(args):
     def shard_batch(x):
         return jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
 
-    return replicate, shard_batch, n
+    def in_mesh(fn):  # the models' batch sharding constraints need the mesh at trace time
+        def wrapped(*a):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                return fn(*a)
+
+        return wrapped
+
+    return replicate, shard_batch, n, in_mesh
 
 
 def bench_matmul(args) -> float:
@@ -242,12 +249,12 @@ def bench_vae_train(args, peak):
             disc_start=jnp.int32(5001),
             stage_step=jnp.int32(10000),
         )  # GAN on: the full step
-        replicate, shard_batch, n = data_parallel(args)
+        replicate, shard_batch, n, in_mesh = data_parallel(args)
         state, frozen = replicate(state), replicate(frozen)
         for b in [int(v) * n for v in args.vae_train_batches.split(",")]:  # per device
             x = jax.random.uniform(jax.random.key(0), (b, 256, 256, 3), jnp.float32, -1, 1)
             x = shard_batch(x)
-            fn = jax.jit(step, donate_argnums=(0,))
+            fn = jax.jit(in_mesh(step), donate_argnums=(0,))
             args_ = (state, frozen, {"image": x}, jax.random.key(1), hp)
             t = time.perf_counter()
             compiled = fn.lower(*args_).compile()
@@ -331,13 +338,13 @@ def _dit_train_case(args, peak, spec):
             ema = optax.incremental_update(params, state["ema"], 1.0 - 0.9999)
             return dict(params=params, ema=ema, opt=opt), loss
 
-        replicate, shard_batch, n = data_parallel(args)
+        replicate, shard_batch, n, in_mesh = data_parallel(args)
         b *= n  # the spec's batch is per device
         state = replicate(state)
         shape = (b, cfg.input_size, cfg.input_size, cfg.in_channels)
         x1 = shard_batch(jax.random.normal(jax.random.key(1), shape, jnp.float32))
         y = shard_batch(jax.random.randint(jax.random.key(2), (b,), 0, 1000))
-        fn = jax.jit(step, donate_argnums=(0,))
+        fn = jax.jit(in_mesh(step), donate_argnums=(0,))
         t = time.perf_counter()
         compiled = fn.lower(state, x1, y, jax.random.key(0)).compile()
         compile_s = time.perf_counter() - t

@@ -404,8 +404,13 @@ class Attention(nnx.Module):
         if rope is not None:
             q = checkpoint_name(apply_rope(q, *rope).astype(v.dtype), "q_rope")
             k = checkpoint_name(apply_rope(k, *rope).astype(v.dtype), "k_rope")
+        q, k, v = (
+            _sharding.constrain_batch(q),
+            _sharding.constrain_batch(k),
+            _sharding.constrain_batch(v),
+        )
         out = attention.dot_product_attention(q, k, v, implementation=self.implementation)
-        out = checkpoint_name(out, "attn_out")
+        out = checkpoint_name(_sharding.constrain_batch(out), "attn_out")
         return self.proj(out.reshape(b, t, d))
 
 
@@ -428,7 +433,7 @@ class SwiGLUFFN(nnx.Module):
         self.w3 = _dense(hidden, dim, rngs, dtype, ("mlp", "embed"))
 
     def __call__(self, x):
-        x1, x2 = jnp.split(self.w12(x), 2, axis=-1)
+        x1, x2 = jnp.split(_sharding.constrain_batch(self.w12(x)), 2, axis=-1)
         return self.w3(checkpoint_name(jax.nn.silu(x1) * x2, "mlp_act"))
 
 
@@ -461,12 +466,13 @@ class LightningDiTBlock(nnx.Module):
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, -1)
         # The matmuls cast their inputs to the compute dtype anyway; casting here names the
         # tensor that a remat policy may keep (float32 statistics, compute-dtype result).
+        x = _sharding.constrain_batch(x)
         h = modulate(self.norm1(x), shift_msa, scale_msa).astype(self.compute_dtype)
-        h = self.attn(checkpoint_name(h, "mod_attn"), rope)
+        h = _sharding.constrain_batch(self.attn(checkpoint_name(h, "mod_attn"), rope))
         x = x + gate_msa[:, None, :] * h.astype(jnp.float32)
         h = modulate(self.norm2(x), shift_mlp, scale_mlp).astype(self.compute_dtype)
-        h = self.mlp(checkpoint_name(h, "mod_mlp"))
-        return x + gate_mlp[:, None, :] * h.astype(jnp.float32)
+        h = _sharding.constrain_batch(self.mlp(checkpoint_name(h, "mod_mlp")))
+        return _sharding.constrain_batch(x + gate_mlp[:, None, :] * h.astype(jnp.float32))
 
 
 class FinalLayer(nnx.Module):

@@ -69,6 +69,7 @@ def model_config(
         class_dropout_prob=m.class_dropout_prob,
         remat_policy=m.remat_policy,
         scan_unroll=m.scan_unroll,
+        scan_layers=m.get("scan_layers", True),
         attention_impl=m.attention_impl or None,
         dtype=compute_dtype(config, platform),
     )
@@ -209,8 +210,12 @@ def build_step(config, mesh, mcfg: model_lib.LightningDiTConfig) -> TrainStep:
 
     # The rng travels as raw key data (uint32): every argument is then a plain array, whose
     # bytes the AOT report can count (it sizes arguments by numpy dtype).
+    # The mesh is made the abstract mesh of the trace: the model then keeps its activations split
+    # over the batch (model.constrain_batch); without it GSPMD follows the fsdp-split weights and
+    # splits activations along the hidden axis, gathering the batch (tensor-parallel style).
     def fn(state, batch, rng_bits):
-        return step_fn(state, batch, jax.random.wrap_key_data(rng_bits))
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step_fn(state, batch, jax.random.wrap_key_data(rng_bits))
 
     return TrainStep(
         fn=fn,

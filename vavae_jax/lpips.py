@@ -163,13 +163,16 @@ class LPIPS(nnx.Module):
         shift = jnp.asarray(SHIFT, jnp.float32)
         scale = jnp.asarray(SCALE, jnp.float32)
         b = x.shape[0]
-        both = jnp.concatenate([x, y], axis=0).astype(jnp.float32)  # one VGG pass for x and y
+        # One VGG pass for x and y, interleaved (x0, y0, x1, y1, ...) rather than concatenated:
+        # on a batch-split mesh each device then holds the pairs of its own samples.
+        both = jnp.stack([x, y], axis=1).reshape(2 * b, *x.shape[1:]).astype(jnp.float32)
         feats = self.net(((both - shift) / scale).astype(self.dtype))
         keys = None if dropout_rng is None else jax.random.split(dropout_rng, len(CHANNELS))
         val = jnp.zeros((b, 1, 1, 1), jnp.float32)
         for k, f in enumerate(feats):
             f = _normalize_channels(f.astype(jnp.float32))
-            diff = jnp.square(f[:b] - f[b:])  # [B, h, w, C_k]
+            f = f.reshape(b, 2, *f.shape[1:])
+            diff = jnp.square(f[:, 0] - f[:, 1])  # [B, h, w, C_k]
             if keys is not None:
                 keep = jax.random.bernoulli(keys[k], 1.0 - DROPOUT_RATE, diff.shape)
                 diff = jnp.where(keep, diff / (1.0 - DROPOUT_RATE), 0.0)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from vavae_jax.runtime import attention
-from vavae_jax.runtime import sharding as _sharding  # noqa: F401  (eager sharding off)
+from vavae_jax.runtime.sharding import constrain_batch
 
 CONV_AXES = (None, None, "conv_in", "conv_out")
 
@@ -112,12 +112,15 @@ class GroupNorm(nnx.Module):
     def __call__(self, x):  # [B, H, W, C]
         dtype = x.dtype
         b, h, w, c = x.shape
+        # Constrained on both sides of each reshape: under vmap (the trainer's VJPs of several
+        # cotangents) GSPMD would otherwise gather the batch around them.
         xg = x.astype(jnp.float32).reshape(b, h, w, self.num_groups, c // self.num_groups)
+        xg = constrain_batch(xg)
         mean = xg.mean(axis=(1, 2, 4), keepdims=True)
         var = jnp.square(xg - mean).mean(axis=(1, 2, 4), keepdims=True)
-        xg = (xg - mean) * jax.lax.rsqrt(var + self.eps)
+        xg = constrain_batch((xg - mean) * jax.lax.rsqrt(var + self.eps))
         out = xg.reshape(b, h, w, c) * self.weight[...] + self.bias[...]
-        return out.astype(dtype)
+        return constrain_batch(out.astype(dtype))
 
 
 class ResnetBlock(nnx.Module):
@@ -137,7 +140,7 @@ class ResnetBlock(nnx.Module):
         h = self.conv2(jax.nn.silu(self.norm2(h)))
         if self.in_channels != self.out_channels:
             x = self.nin_shortcut(x)
-        return x + h
+        return constrain_batch(x + h)
 
 
 class AttnBlock(nnx.Module):
@@ -157,7 +160,7 @@ class AttnBlock(nnx.Module):
         # softmax(q k^T / sqrt(c)) v; one head of width c (512 in f16d32): wider than cuDNN's
         # flash kernels take, so "auto" uses XLA's attention here.
         out = attention.dot_product_attention(q, k, v, scale=c**-0.5)
-        return x + self.proj_out(out.reshape(b, h, w, c))
+        return constrain_batch(x + self.proj_out(out.reshape(b, h, w, c)))
 
 
 class Downsample(nnx.Module):
@@ -167,7 +170,7 @@ class Downsample(nnx.Module):
         self.conv = _conv(channels, channels, 3, rngs, dtype, stride=2, padding=((0, 1), (0, 1)))
 
     def __call__(self, x):
-        return self.conv(x)
+        return constrain_batch(self.conv(x))
 
 
 class Upsample(nnx.Module):
@@ -178,7 +181,7 @@ class Upsample(nnx.Module):
 
     def __call__(self, x):
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return self.conv(x)
+        return constrain_batch(self.conv(x))
 
 
 class _Level(nnx.Module):

@@ -420,8 +420,11 @@ def build_step(config, mesh, lp, teacher) -> TrainStep:
 
     # The rng travels as raw key data (uint32): every argument is then a plain array, whose
     # bytes the AOT report can count (it sizes arguments by numpy dtype).
+    # The mesh is the abstract mesh of the trace, so that the models keep their activations split
+    # over the batch (sharding.constrain_batch) instead of letting GSPMD reshard them.
     def fn(state, frozen, batch, rng_bits, hparams):
-        return step_fn(state, frozen, batch, jax.random.wrap_key_data(rng_bits), hparams)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step_fn(state, frozen, batch, jax.random.wrap_key_data(rng_bits), hparams)
 
     frozen = frozen_state(lp, teacher)
     r, b = ae_cfg.resolution, int(config.global_batch_size)

@@ -224,7 +224,9 @@ def make_train_step(
         # ---- decoder backward of nll and g in one batched pass ---------------------------------
         # (Before disc_start w_g is 0 and the g half is wasted; that is ~1% of a real run. A
         # lax.cond to skip it made the whole step 10x slower on XLA:CPU.)
-        dPs, dzs = jax.vmap(vjp_dec_body)(jnp.stack([d_hd_nll, d_hd_g]))
+        dPs, dzs = jax.tree.map(
+            lambda *a: jnp.stack(a), vjp_dec_body(d_hd_nll), vjp_dec_body(d_hd_g)
+        )
         dP_dec = jax.tree.map(lambda a: a[0] + w_g * a[1], dPs)
         dz_nll, dz_g = dzs[0], dzs[1]
 

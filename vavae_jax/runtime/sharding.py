@@ -130,6 +130,19 @@ def create_sharded(constructor: Callable[[], M], mesh: Mesh, rules) -> M:
     return nnx.merge(graphdef, state)
 
 
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """Keeps the activation `x` split over its batch (leading) axis on the (`data`, `fsdp`) mesh
+    axes when a mesh with those axes is the abstract mesh of the trace (the trainers' steps set
+    it); a no-op otherwise. Without it GSPMD may follow fsdp-split weights and split activations
+    along their feature axis, gathering the batch, or reshard around reshapes and convolutions."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    if x.shape[0] % math.prod(mesh.shape[a] for a in MESH_AXES):
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(MESH_AXES))
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """The sharding of a batch: leading axis over (`data`, `fsdp`), the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(MESH_AXES, *([None] * (ndim - 1))))
