@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -37,12 +36,9 @@ from vavae_jax.data import make_global_batch
 from vavae_jax.runtime import checkpoint as ckpt_lib
 from vavae_jax.runtime import sharding
 from vavae_jax.runtime.logging import MetricWriter, image_grid, save_png
+from vavae_jax.runtime.loop import TrainingDivergedError, check_finite, progress_bar  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-
-class TrainingDivergedError(RuntimeError):
-    pass
 
 
 def compute_dtype(config, platform: str | None = None) -> str:
@@ -259,16 +255,6 @@ def _with_shardings(shapes, shardings):
     )
 
 
-def make_mesh(config):
-    """The (`data`, `fsdp`) mesh of config.mesh over all devices or the first `num_devices`."""
-    n = config.mesh.num_devices
-    if n > jax.device_count():
-        raise ValueError(f"mesh.num_devices={n} but only {jax.device_count()} devices are visible")
-    return sharding.make_mesh(
-        config.mesh.data, config.mesh.fsdp, devices=jax.devices()[:n] if n > 0 else None
-    )
-
-
 def build_meta(config, stats, index) -> dict[str, Any]:
     """What sampling needs besides the weights: how to de-normalise and which VA-VAE decodes."""
     return dict(
@@ -315,7 +301,7 @@ def run(
 ) -> dict[str, Any]:
     """Trains (or resumes) in `workdir`. `stop_after_steps` stops this invocation after that
     many steps exactly as SIGTERM does (checkpoint, then return): preemption on demand."""
-    mesh = make_mesh(config)
+    mesh = sharding.mesh_from_config(config.mesh)
     validate_config(config, mesh)
     workdir_path = ckpt_lib.as_path(workdir)
     rng = jax.random.key(config.seed)
@@ -372,7 +358,7 @@ def run(
     old_handler = signal.signal(signal.SIGTERM, on_signal)
     last_good = ckpt.latest_step()
     pending = None  # (step, metrics) of the previous step, checked one step late: no host stall
-    pbar = _progress(config, start_step, total_steps)
+    pbar = progress_bar(config.progress_bar, start_step, total_steps, "lightningdit")
     t0, n_since = time.perf_counter(), 0
     step = start_step
     try:
@@ -381,14 +367,18 @@ def run(
             step_rng = jax.random.fold_in(jax.random.fold_in(rng, 2), step)
             state, metrics = jit_step(state, batch, jax.random.key_data(step_rng))
             if pending is not None:
-                _check_finite(pending, last_good, ckpt)
+                check_finite(
+                    pending, last_good, ckpt, loss_key="train/loss", norm_key="train/param_norm"
+                )
             pending = (step, metrics)
             step += 1
             n_since += 1
             if pbar is not None:
                 pbar.update(1)
             if step % config.log_every_steps == 0 or step == total_steps:
-                _check_finite(pending, last_good, ckpt)
+                check_finite(
+                    pending, last_good, ckpt, loss_key="train/loss", norm_key="train/param_norm"
+                )
                 m = jax.device_get(metrics)
                 dt = time.perf_counter() - t0
                 m["train/steps_per_s"] = n_since / dt
@@ -405,7 +395,9 @@ def run(
             if stop_after_steps is not None and step - start_step >= stop_after_steps:
                 stop["signal"] = signal.SIGTERM
             if step % config.checkpoint_every_steps == 0 or step == total_steps or stop["signal"]:
-                _check_finite(pending, last_good, ckpt)
+                check_finite(
+                    pending, last_good, ckpt, loss_key="train/loss", norm_key="train/param_norm"
+                )
                 ckpt.save(
                     step,
                     state,
@@ -464,31 +456,6 @@ def load_ema_model(workdir: str, mesh, *, step: int | None = None, dtype: str | 
     finally:
         ckpt.close()
     return nnx.merge(train_step.graphdef, state["ema"], state["rest"]), meta, config
-
-
-def _check_finite(pending, last_good, ckpt) -> None:
-    step, metrics = pending
-    loss = float(metrics["train/loss"])
-    norm = float(metrics["train/param_norm"])
-    if not (math.isfinite(loss) and math.isfinite(norm)):
-        ckpt.wait()
-        where = (
-            f"the last good checkpoint is step {last_good} in {ckpt.directory}"
-            if last_good is not None
-            else "no checkpoint was written yet"
-        )
-        raise TrainingDivergedError(
-            f"loss {loss}, parameter norm {norm} after step {step + 1}; training stopped without "
-            f"saving the diverged state; {where}. Lower the learning rate or check the data."
-        )
-
-
-def _progress(config, start, total):
-    if not config.progress_bar or jax.process_index() != 0:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, desc="lightningdit", unit="step", dynamic_ncols=True)
 
 
 def _write_grid(config, graphdef, state, mcfg, meta, writer, workdir_path, step) -> None:

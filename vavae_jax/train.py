@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import pathlib
 import signal
 import time
@@ -34,13 +33,10 @@ from vavae_jax import model as model_lib
 from vavae_jax.runtime import checkpoint as ckpt_lib
 from vavae_jax.runtime import sharding
 from vavae_jax.runtime.logging import MetricWriter, image_grid, save_png
+from vavae_jax.runtime.loop import TrainingDivergedError, check_finite, progress_bar  # noqa: F401  (re-exported)
 from vavae_jax.train_step import Generator, StepConfig, make_train_step
 
 log = logging.getLogger(__name__)
-
-
-class TrainingDivergedError(RuntimeError):
-    pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,16 +66,6 @@ def autoencoder_config(config, *, platform: str | None = None) -> model_lib.Auto
         double_z=m.double_z,
         dropout=m.dropout,
         dtype=jnp.dtype(compute_dtype(config, platform)).name,
-    )
-
-
-def make_mesh(config):
-    """The (`data`, `fsdp`) mesh of config.mesh over all devices or the first `num_devices`."""
-    n = config.mesh.num_devices
-    if n > jax.device_count():
-        raise ValueError(f"mesh.num_devices={n} but only {jax.device_count()} devices are visible")
-    return sharding.make_mesh(
-        config.mesh.data, config.mesh.fsdp, devices=jax.devices()[:n] if n > 0 else None
     )
 
 
@@ -491,7 +477,7 @@ def run(
 ) -> dict[str, Any]:
     """Trains (or resumes) in `workdir`. `stop_after_steps` stops this invocation after that
     many steps exactly as SIGTERM does (checkpoint, then return): preemption on demand."""
-    mesh = make_mesh(config)
+    mesh = sharding.mesh_from_config(config.mesh)
     validate_config(config, mesh)
     cdt = compute_dtype(config, mesh.devices.flat[0].platform)
     log.info("mesh: %s, compute dtype %s", dict(mesh.shape), jnp.dtype(cdt).name)
@@ -552,7 +538,7 @@ def run(
     grid_batch = None
     last_good = ckpt.latest_step()
     pending = None  # (step, metrics) of the previous step, checked one step late: no host stall
-    pbar = _progress(config, start_step, total_steps)
+    pbar = progress_bar(config.progress_bar, start_step, total_steps, "vavae")
     t0, n_since = time.perf_counter(), 0
     stage = None
     step = start_step
@@ -574,14 +560,26 @@ def run(
             step_rng = jax.random.fold_in(jax.random.fold_in(rng, 2), step)
             state, metrics = jit_step(state, frozen, batch, jax.random.key_data(step_rng), hparams)
             if pending is not None:
-                _check_finite(pending, last_good, ckpt)
+                check_finite(
+                    pending,
+                    last_good,
+                    ckpt,
+                    loss_key="train/total_loss",
+                    norm_key="train/param_norm_g",
+                )
             pending = (step, metrics)
             step += 1
             n_since += 1
             if pbar is not None:
                 pbar.update(1)
             if step % config.log_every_steps == 0 or step == total_steps:
-                _check_finite(pending, last_good, ckpt)
+                check_finite(
+                    pending,
+                    last_good,
+                    ckpt,
+                    loss_key="train/total_loss",
+                    norm_key="train/param_norm_g",
+                )
                 m = jax.device_get(metrics)
                 dt = time.perf_counter() - t0
                 m["train/steps_per_s"] = n_since / dt
@@ -599,7 +597,13 @@ def run(
             if stop_after_steps is not None and step - start_step >= stop_after_steps:
                 stop["signal"] = signal.SIGTERM
             if step % config.checkpoint_every_steps == 0 or step == total_steps or stop["signal"]:
-                _check_finite(pending, last_good, ckpt)
+                check_finite(
+                    pending,
+                    last_good,
+                    ckpt,
+                    loss_key="train/total_loss",
+                    norm_key="train/param_norm_g",
+                )
                 ckpt.save(
                     step, state, data_iterator=train_iter, config=config.to_dict(), force=True
                 )
@@ -634,31 +638,6 @@ def make_optimizer(lr: float, optim) -> optax.GradientTransformation:
     if optim.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), tx)
     return tx
-
-
-def _check_finite(pending, last_good, ckpt) -> None:
-    step, metrics = pending
-    loss = float(metrics["train/total_loss"])
-    norm = float(metrics["train/param_norm_g"])
-    if not (math.isfinite(loss) and math.isfinite(norm)):
-        ckpt.wait()
-        where = (
-            f"the last good checkpoint is step {last_good} in {ckpt.directory}"
-            if last_good is not None
-            else "no checkpoint was written yet"
-        )
-        raise TrainingDivergedError(
-            f"loss {loss}, parameter norm {norm} after step {step + 1}; training stopped without saving the "
-            f"diverged state; {where}. Lower the learning rate or check the data."
-        )
-
-
-def _progress(config, start, total):
-    if not config.progress_bar or jax.process_index() != 0:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, desc="vavae", unit="step", dynamic_ncols=True)
 
 
 def _write_grid(gen_def, state, images, writer, workdir_path, step) -> None:

@@ -79,6 +79,16 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
     return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def mesh_from_config(mesh_config) -> Mesh:
+    """The (`data`, `fsdp`) mesh of a trainer's `config.mesh` (data, fsdp, num_devices) over all
+    devices, or over the first `num_devices` when it is positive."""
+    n = mesh_config.num_devices
+    if n > jax.device_count():
+        raise ValueError(f"mesh.num_devices={n} but only {jax.device_count()} devices are visible")
+    devices = jax.devices()[:n] if n > 0 else None
+    return make_mesh(mesh_config.data, mesh_config.fsdp, devices=devices)
+
+
 def get_rules(strategy: str | Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
     """Logical-axis rules for a strategy name ("dp", "fsdp") or an explicit rule list."""
     if isinstance(strategy, str):
