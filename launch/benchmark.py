@@ -284,22 +284,32 @@ def bench_vae_train(args, peak):
             del st
 
 
-def _dit_state(preset, dtype, remat, layers="scan"):
-    import dataclasses
+def bench_membw(args) -> float:
+    """Device memory bandwidth: one elementwise pass over a 1 GiB float32 array (bytes read plus
+    bytes written per second), the ceiling of the elementwise and reduction kernels."""
+    n = 1 << 28
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
+    r = timeit(lambda x: x * 1.0001 + 1.0, (x,), iters=20)
+    rate = 2 * 4 * n / r["median_s"]
+    RESULTS.append(dict(case="membw_f32_1GiB", gb_per_s=rate / 1e9, median_s=r["median_s"]))
+    print(f"  memory bandwidth (read + write): {rate / 1e9:.0f} GB/s", flush=True)
+    return rate
 
-    import optax
+
+def _dit_model(preset, dtype, layers="scan"):
+    """(config, graphdef, params, rest) of a random-weight LightningDiT preset (inference)."""
+    import dataclasses
 
     from lightningdit_jax.model import PRESETS, LightningDiT
 
     if layers not in ("scan", "loop"):
         raise SystemExit(f"layers={layers!r}: expected scan or loop")
     cfg = dataclasses.replace(
-        PRESETS[preset], dtype=dtype, remat_policy=remat, scan_layers=layers == "scan"
+        PRESETS[preset], dtype=dtype, remat_policy="none", scan_layers=layers == "scan"
     )
     model = LightningDiT(cfg, rngs=nnx.Rngs(0))
     gdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = optax.adamw(2e-4, b1=0.9, b2=0.95, weight_decay=0.0)
-    return cfg, gdef, params, rest, tx
+    return cfg, gdef, params, rest
 
 
 def bench_dit_train(args, peak):
@@ -316,68 +326,78 @@ def bench_dit_train(args, peak):
 
 
 def _dit_train_case(args, peak, spec):
-    import optax
+    """The trainer's own step (`lightningdit_jax.train.build_step`: the config's loss, AdamW,
+    EMA and the metrics it logs), on random latents, data parallel over `--num_devices`."""
+    import importlib.util
 
-    from lightningdit_jax import transport as tr
+    from lightningdit_jax import train as dit_train
+    from vavae_jax.runtime import sharding
 
-    if True:
-        preset, b, dtype, remat, *layers = spec.split(",")
-        b = int(b)
-        layers = layers[0] if layers else "scan"
-        cfg, gdef, params, rest, tx = _dit_state(preset, dtype, remat, layers)
-        state = dict(params=params, ema=jax.tree.map(jnp.copy, params), opt=tx.init(params))
-
-        def step(state, x1, y, rng, gdef=gdef, rest=rest, tx=tx):
-            def loss_fn(p):
-                model = nnx.merge(gdef, p, rest)
-                return tr.training_loss(model, x1, y, rng)
-
-            (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-            updates, opt = tx.update(grads, state["opt"], state["params"])
-            params = optax.apply_updates(state["params"], updates)
-            ema = optax.incremental_update(params, state["ema"], 1.0 - 0.9999)
-            return dict(params=params, ema=ema, opt=opt), loss
-
-        replicate, shard_batch, n, in_mesh = data_parallel(args)
-        b *= n  # the spec's batch is per device
-        state = replicate(state)
-        shape = (b, cfg.input_size, cfg.input_size, cfg.in_channels)
-        x1 = shard_batch(jax.random.normal(jax.random.key(1), shape, jnp.float32))
-        y = shard_batch(jax.random.randint(jax.random.key(2), (b,), 0, 1000))
-        fn = jax.jit(in_mesh(step), donate_argnums=(0,))
+    preset, b, dtype, remat, *layers = spec.split(",")
+    layers = layers[0] if layers else "scan"
+    if layers not in ("scan", "loop"):
+        raise SystemExit(f"{spec}: layers={layers!r}, expected scan or loop")
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs/lightningdit_xl_vavae_f16d32.py"
+    module_spec = importlib.util.spec_from_file_location("dit_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(preset)
+    n = args.num_devices
+    config.global_batch_size = int(b) * n  # the spec's batch is per device
+    config.dtype = dtype
+    config.model.remat_policy = remat
+    config.model.scan_layers = layers == "scan"
+    config.mesh.num_devices = n
+    mesh = sharding.mesh_from_config(config.mesh)
+    mcfg = dit_train.model_config(config)
+    ts = dit_train.build_step(config, mesh, mcfg)
+    state = ts.init_state(jax.random.key(0))
+    gb = config.global_batch_size
+    shape = (gb, mcfg.input_size, mcfg.input_size, mcfg.in_channels)
+    batch = jax.device_put(
+        dict(
+            latent=jax.random.normal(jax.random.key(1), shape, jnp.float32),
+            label=jax.random.randint(jax.random.key(2), (gb,), 0, mcfg.num_classes),
+        ),
+        ts.batch_sharding,
+    )
+    bits = [jax.device_put(jax.random.key_data(jax.random.key(i)), ts.replicated) for i in range(2)]
+    t = time.perf_counter()
+    compiled = ts.jit().lower(state, batch, bits[0]).compile()
+    compile_s = time.perf_counter() - t
+    flops = None
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        flops = float(cost.get("flops", 0.0)) or None
+    except Exception:  # noqa: BLE001  (best effort, as in timeit)
+        pass
+    times = []
+    for i in range(3 + args.iters):
         t = time.perf_counter()
-        compiled = fn.lower(state, x1, y, jax.random.key(0)).compile()
-        compile_s = time.perf_counter() - t
-        flops = None
-        try:
-            flops = float(compiled.cost_analysis().get("flops", 0.0)) or None
-        except Exception:  # noqa: BLE001
-            pass
-        times = []
-        for i in range(3 + args.iters):
-            t = time.perf_counter()
-            state, loss = compiled(state, x1, y, jax.random.key(i))
-            jax.block_until_ready(loss)
-            if i >= 3:
-                times.append(time.perf_counter() - t)
-        # XLA counts a scanned body once: use the analytic count (3x forward) for MFU.
-        fwd = _dit_forward_flops(cfg)
-        r = dict(
-            compile_s=compile_s,
-            median_s=statistics.median(times),
-            min_s=min(times),
-            flops=3 * fwd * b,
-        )
-        name = f"dit_train_{preset}_{dtype}_remat-{remat}_{layers}" + (f"_x{n}dev" if n > 1 else "")
-        record(name, b, r, peak * n if peak else None, xla_flops=flops, num_devices=n)
-        holder = {"state": state}
+        state, metrics = compiled(state, batch, bits[i % 2])
+        jax.block_until_ready(metrics)
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    if not np.isfinite(float(metrics["train/loss"])):
+        raise SystemExit(f"{spec}: the loss is not finite ({metrics['train/loss']})")
+    # XLA counts a scanned body once: use the analytic count (3x forward) for MFU.
+    r = dict(
+        compile_s=compile_s,
+        median_s=statistics.median(times),
+        min_s=min(times),
+        flops=3 * _dit_forward_flops(mcfg) * gb,
+    )
+    name = f"dit_train_{preset}_{dtype}_remat-{remat}_{layers}" + (f"_x{n}dev" if n > 1 else "")
+    record(name, gb, r, peak * n if peak else None, xla_flops=flops, num_devices=n)
+    holder = {"state": state}
 
-        def again(holder=holder):
-            holder["state"], loss = compiled(holder["state"], x1, y, jax.random.key(0))
-            return loss
+    def again(holder=holder):
+        holder["state"], m = compiled(holder["state"], batch, bits[0])
+        return m
 
-        maybe_profile(args, name, again)
-        del state, holder
+    maybe_profile(args, name, again)
+    del state, holder
 
 
 def _dit_forward_flops(cfg) -> float:
@@ -400,7 +420,7 @@ def bench_dit_sample(args, peak):
     from lightningdit_jax.model import LightningDiT
 
     b = args.sample_batch
-    cfg, *_ = _dit_state(args.sample_preset, args.sample_dtype, "none", args.sample_layers)
+    cfg, *_ = _dit_model(args.sample_preset, args.sample_dtype, args.sample_layers)
     model = LightningDiT(cfg, rngs=nnx.Rngs(0))
     gdef, st = nnx.split(model)
     shape = (b, cfg.input_size, cfg.input_size, cfg.in_channels)
@@ -449,7 +469,7 @@ def bench_dit_forward(args, peak):
         preset, b, dtype, *layers = spec.split(",")
         b = int(b)
         layers = layers[0] if layers else "scan"
-        cfg, gdef, params, rest, _ = _dit_state(preset, dtype, "none", layers)
+        cfg, gdef, params, rest = _dit_model(preset, dtype, layers)
         shape = (b, cfg.input_size, cfg.input_size, cfg.in_channels)
         x = jax.random.normal(jax.random.key(1), shape, jnp.float32)
         t = jax.random.uniform(jax.random.key(3), (b,), jnp.float32)
@@ -517,11 +537,15 @@ def main():
     )
     wanted = args.only.split(",")
     peak = bench_matmul(args) if "matmul" in wanted else None
+    if "membw" in wanted:
+        bench_membw(args)
     for name in wanted:
-        if name == "matmul":
+        if name in ("matmul", "membw"):
             continue
         if name not in CASES:
-            raise SystemExit(f"--only: unknown case {name!r}; known: matmul, {', '.join(CASES)}")
+            raise SystemExit(
+                f"--only: unknown case {name!r}; known: matmul, membw, {', '.join(CASES)}"
+            )
         print(f"[{name}]", flush=True)
         CASES[name](args, peak)
     meta = dict(

@@ -220,10 +220,16 @@ def rope_tables(head_dim: int, grid_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, T, N, H]; `rotate_half` pairs features (2i, 2i+1) -> (-x[2i+1], x[2i])."""
-    pairs = x.reshape(*x.shape[:-1], -1, 2)
-    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    """x [B, T, N, H]: x * cos + rotate_half(x) * sin, where `rotate_half` maps each pair of
+    features (2i, 2i+1) to (-x[2i+1], x[2i]).
+
+    rotate_half(x) * sin is computed as swap(x) * (sign * sin), swap exchanging the two features
+    of each pair and sign = (-1, +1, -1, ...): the same products, but a reversal XLA fuses into one
+    elementwise loop instead of the stack (a concatenate) that costs ~1.6x the memory time.
+    """
+    sign = jnp.tile(jnp.asarray([-1.0, 1.0], sin.dtype), sin.shape[-1] // 2)
+    swapped = x.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(x.shape)
+    return x * cos[:, None, :] + swapped * (sin * sign)[:, None, :]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def model_config(
         remat_policy=m.remat_policy,
         scan_unroll=m.scan_unroll,
         scan_layers=m.get("scan_layers", True),
-        attention_impl=m.attention_impl or None,
+        attention_impl=m.attention_impl or "auto",  # "" in configs written before 2026-11-22
         dtype=compute_dtype(config, platform),
     )
     if latent_shape is not None:

@@ -155,6 +155,25 @@ def test_config_variants():
         cfg_mod.get_config("XXL/1")
 
 
+def test_trainer_model_takes_flash_attention_on_gpu(monkeypatch):
+    """Regression: the config's attention choice reaches the model as "auto", which picks cuDNN's
+    flash kernel for bf16 on a GPU (the trainer once passed None, i.e. XLA's attention that
+    materialises the scores: 25% slower XL/1 steps); an empty string from older configs too."""
+    import lightningdit_xl_vavae_f16d32 as cfg_mod
+
+    from vavae_jax.runtime import attention
+
+    for value in ("auto", ""):
+        c = cfg_mod.get_config()
+        c.model.attention_impl = value
+        mcfg = train.model_config(c, platform="gpu")
+        assert mcfg.attention_impl == "auto" and mcfg.dtype == "bfloat16"
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+        impl = attention.resolve(mcfg.attention_impl, mcfg.dtype, mcfg.head_dim)
+        monkeypatch.undo()
+        assert impl == "cudnn", (value, impl)
+
+
 def test_training_loss_gradient_finite_at_zero_output():
     """Regression: at initialisation the output layer is zero, so the cosine term sees a zero
     vector; its gradient must be finite (torch's cosine_similarity clamps the norm too)."""
