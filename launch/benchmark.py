@@ -30,6 +30,17 @@ RESULTS: list[dict] = []
 PROFILES: dict[str, dict] = {}
 
 
+def xla_flops(compiled) -> float | None:
+    """XLA's FLOP count of a compiled program (best effort: None where the backend has none)."""
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        return float(cost.get("flops", 0.0)) or None
+    except Exception as e:  # noqa: BLE001  (cost analysis is missing on some backends)
+        print(f"  (no cost analysis: {e})")
+        return None
+
+
 def timeit(fn: Callable, args: tuple, iters: int, warmup: int = 3) -> dict:
     """Compile time, then the median / min of `iters` synchronised calls (seconds)."""
     t = time.perf_counter()
@@ -39,13 +50,7 @@ def timeit(fn: Callable, args: tuple, iters: int, warmup: int = 3) -> dict:
         else fn.lower(*args).compile()
     )
     compile_s = time.perf_counter() - t
-    flops = None
-    try:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list | tuple) else cost
-        flops = float(cost.get("flops", 0.0)) or None
-    except Exception as e:  # cost analysis is best effort on some backends
-        print(f"  (no cost analysis: {e})")
+    flops = xla_flops(compiled)
     out = None
     for _ in range(warmup):
         out = compiled(*args)
@@ -365,13 +370,7 @@ def _dit_train_case(args, peak, spec):
     t = time.perf_counter()
     compiled = ts.jit().lower(state, batch, bits[0]).compile()
     compile_s = time.perf_counter() - t
-    flops = None
-    try:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list | tuple) else cost
-        flops = float(cost.get("flops", 0.0)) or None
-    except Exception:  # noqa: BLE001  (best effort, as in timeit)
-        pass
+    flops = xla_flops(compiled)
     times = []
     for i in range(3 + args.iters):
         t = time.perf_counter()
