@@ -416,19 +416,16 @@ def _dit_forward_flops(cfg) -> float:
 def bench_dit_sample(args, peak):
     """XL/1 sampling: Euler ODE, 250 steps, CFG with interval, shift 0.3 (reference settings)."""
     from lightningdit_jax import sampling
-    from lightningdit_jax.model import LightningDiT
 
     b = args.sample_batch
-    cfg, *_ = _dit_model(args.sample_preset, args.sample_dtype, args.sample_layers)
-    model = LightningDiT(cfg, rngs=nnx.Rngs(0))
-    gdef, st = nnx.split(model)
+    cfg, gdef, params, rest = _dit_model(args.sample_preset, args.sample_dtype, args.sample_layers)
     shape = (b, cfg.input_size, cfg.input_size, cfg.in_channels)
     z0 = jax.random.normal(jax.random.key(1), shape, jnp.float32)
     y = jax.random.randint(jax.random.key(2), (b,), 0, 1000)
 
-    def run(st, z0, y, num_steps):  # sample_ode jits itself; num_steps is traced inside
+    def run(num_steps):  # sample_ode jits itself; num_steps is traced inside
         return sampling.sample_ode(
-            nnx.merge(gdef, st),
+            nnx.merge(gdef, params, rest),
             z0,
             y,
             num_steps=num_steps,
@@ -439,12 +436,12 @@ def bench_dit_sample(args, peak):
 
     for steps in (args.sample_steps,):
         t = time.perf_counter()
-        jax.block_until_ready(run(st, z0, y, 11))  # compile + warm-up (steps are traced)
+        jax.block_until_ready(run(11))  # compile + warm-up (steps are traced)
         compile_s = time.perf_counter() - t
         times = []
         for _ in range(2):
             t = time.perf_counter()
-            jax.block_until_ready(run(st, z0, y, steps))
+            jax.block_until_ready(run(steps))
             times.append(time.perf_counter() - t)
         fwd = _dit_forward_flops(cfg)
         # model evaluations: steps-1 Euler steps; t < 0.1 runs B, the rest 2B (CFG)

@@ -227,12 +227,16 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     of each pair and sign = (-1, +1, -1, ...): the same products, but a reversal XLA fuses into one
     elementwise loop instead of the stack (a concatenate) that costs ~1.6x the memory time.
     """
-    sign = jnp.tile(jnp.asarray([-1.0, 1.0], sin.dtype), sin.shape[-1] // 2)
-    return x * cos[:, None, :] + _swap_pairs(x) * (sin * sign)[:, None, :]
+    return x * cos[:, None, :] + _swap_pairs(x) * _signed_sin(sin)[:, None, :]
 
 
 def _swap_pairs(x: jax.Array) -> jax.Array:
     return x.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(x.shape)
+
+
+def _signed_sin(sin: jax.Array) -> jax.Array:
+    """sin * (-1, +1, -1, ...): rotate_half(x) * sin == _swap_pairs(x) * _signed_sin(sin)."""
+    return sin * jnp.tile(jnp.asarray([-1.0, 1.0], sin.dtype), sin.shape[-1] // 2)
 
 
 @jax.custom_vjp
@@ -255,8 +259,7 @@ def _split_rope_fwd(qkv, cos, sin):
 def _split_rope_bwd(res, grads):
     cos, sin = res
     dq, dk, dv = grads
-    sign = jnp.tile(jnp.asarray([-1.0, 1.0], sin.dtype), sin.shape[-1] // 2)
-    c, s = cos[:, None, :], (sin * sign)[:, None, :]
+    c, s = cos[:, None, :], _signed_sin(sin)[:, None, :]
 
     def rope_t(dy):  # the transpose of x -> x * c + swap(x) * s; swap is its own inverse
         dy = dy.astype(jnp.float32)
