@@ -314,7 +314,16 @@ def _dit_model(preset, dtype, layers="scan"):
     )
     model = LightningDiT(cfg, rngs=nnx.Rngs(0))
     gdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return cfg, gdef, params, rest
+    # adaLN-zero leaves the gates and the final layer at zero, so the blocks would add nothing
+    # and the output would be zero: give the zero leaves small random values instead, so that
+    # every kernel sees real data and outputs can be compared (e.g. by launch/flag_sweep.py).
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    leaves = [
+        0.02 * jax.random.normal(k, v.shape, v.dtype) if not jnp.any(v) else v
+        for k, v in zip(keys, leaves, strict=True)
+    ]
+    return cfg, gdef, jax.tree.unflatten(treedef, leaves), rest
 
 
 def bench_dit_train(args, peak):
@@ -388,7 +397,15 @@ def _dit_train_case(args, peak, spec):
         flops=3 * _dit_forward_flops(mcfg) * gb,
     )
     name = f"dit_train_{preset}_{dtype}_remat-{remat}_{layers}" + (f"_x{n}dev" if n > 1 else "")
-    record(name, gb, r, peak * n if peak else None, xla_flops=flops, num_devices=n)
+    record(
+        name,
+        gb,
+        r,
+        peak * n if peak else None,
+        xla_flops=flops,
+        num_devices=n,
+        loss=float(metrics["train/loss"]),  # to compare numerics across XLA flag variants
+    )
     holder = {"state": state}
 
     def again(holder=holder):
@@ -477,7 +494,10 @@ def bench_dit_forward(args, peak):
         r = timeit(fwd, (params, x, t, y), args.iters)
         r["flops"] = _dit_forward_flops(cfg) * b
         name = f"dit_forward_{preset.replace('/', '')}_{dtype}_{layers}"
-        record(name, b, r, peak)
+        out = np.asarray(r["out"], np.float64)
+        record(name, b, r, peak, out_rms=float(np.sqrt(np.mean(out**2))))
+        if args.save_forward_out:  # e.g. to compare the outputs of XLA flag variants
+            np.save(f"{args.save_forward_out}_{name}.npy", out.astype(np.float32))
         maybe_profile(args, name, functools.partial(r["compiled"], params, x, t, y))
 
 
@@ -524,6 +544,9 @@ def main():
     p.add_argument("--sample_dtype", default="bfloat16")
     p.add_argument("--sample_layers", default="scan", help="scan or loop (see dit_train)")
     p.add_argument("--out", default="benchmark.json")
+    p.add_argument(
+        "--save_forward_out", default="", help="path prefix: dit_forward outputs saved as .npy"
+    )
     args = p.parse_args()
     dev = jax.devices()[0]
     print(
