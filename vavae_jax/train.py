@@ -12,8 +12,6 @@ import functools
 import json
 import logging
 import pathlib
-import signal
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +31,7 @@ from vavae_jax import model as model_lib
 from vavae_jax.runtime import checkpoint as ckpt_lib
 from vavae_jax.runtime import sharding
 from vavae_jax.runtime.logging import MetricWriter, image_grid, save_png
-from vavae_jax.runtime.loop import TrainingDivergedError, check_finite, progress_bar  # noqa: F401  (re-exported)
+from vavae_jax.runtime.loop import LoopControl, TrainingDivergedError, check_finite, progress_bar  # noqa: F401  (re-exported)
 from vavae_jax.train_step import Generator, StepConfig, make_train_step
 
 log = logging.getLogger(__name__)
@@ -528,21 +526,21 @@ def run(
 
     # ---- loop --------------------------------------------------------------------------------
     writer = MetricWriter(workdir_path / "logs")
-    stop = {"signal": None}
-
-    def on_signal(signum, _frame):
-        stop["signal"] = signum
-        log.warning("received signal %d: saving a checkpoint after the current step", signum)
-
-    old_handler = signal.signal(signal.SIGTERM, on_signal)
+    loop = LoopControl(
+        config,
+        ckpt,
+        writer,
+        start_step=start_step,
+        total_steps=total_steps,
+        desc="vavae",
+        loss_key="train/total_loss",
+        norm_key="train/param_norm_g",
+        stop_after_steps=stop_after_steps,
+    )
     grid_batch = None
-    last_good = ckpt.latest_step()
-    pending = None  # (step, metrics) of the previous step, checked one step late: no host stall
-    pbar = progress_bar(config.progress_bar, start_step, total_steps, "vavae")
-    t0, n_since = time.perf_counter(), 0
     stage = None
     step = start_step
-    try:
+    with loop:
         while step < total_steps:
             new_stage = stage_at(stages, step)
             if new_stage != stage:
@@ -559,66 +557,15 @@ def run(
             hparams = _hparams(stage, step - stage.start)
             step_rng = jax.random.fold_in(jax.random.fold_in(rng, 2), step)
             state, metrics = jit_step(state, frozen, batch, jax.random.key_data(step_rng), hparams)
-            if pending is not None:
-                check_finite(
-                    pending,
-                    last_good,
-                    ckpt,
-                    loss_key="train/total_loss",
-                    norm_key="train/param_norm_g",
-                )
-            pending = (step, metrics)
-            step += 1
-            n_since += 1
-            if pbar is not None:
-                pbar.update(1)
-            if step % config.log_every_steps == 0 or step == total_steps:
-                check_finite(
-                    pending,
-                    last_good,
-                    ckpt,
-                    loss_key="train/total_loss",
-                    norm_key="train/param_norm_g",
-                )
-                m = jax.device_get(metrics)
-                dt = time.perf_counter() - t0
-                m["train/steps_per_s"] = n_since / dt
-                m["train/images_per_s"] = n_since * config.global_batch_size / dt
-                m["train/lr"] = config.optim.lr
-                m["train/skipped_images"] = data_lib.skipped_count()
-                writer.scalars(step, m)
-                if pbar is not None:
-                    pbar.set_postfix(
-                        loss=f"{m['train/total_loss']:.4f}", img_s=f"{m['train/images_per_s']:.1f}"
-                    )
-                t0, n_since = time.perf_counter(), 0
-            if step % config.image_every_steps == 0 or step == total_steps:
+            step = loop.stepped(step, metrics)
+            if loop.log_due(step):
+                loop.log(step, metrics, {"train/skipped_images": data_lib.skipped_count()})
+            if loop.image_due(step):
                 _write_grid(gen_def, state, grid_batch, writer, workdir_path, step)
-            if stop_after_steps is not None and step - start_step >= stop_after_steps:
-                stop["signal"] = signal.SIGTERM
-            if step % config.checkpoint_every_steps == 0 or step == total_steps or stop["signal"]:
-                check_finite(
-                    pending,
-                    last_good,
-                    ckpt,
-                    loss_key="train/total_loss",
-                    norm_key="train/param_norm_g",
-                )
-                ckpt.save(
-                    step, state, data_iterator=train_iter, config=config.to_dict(), force=True
-                )
-                last_good = step
-            if stop["signal"]:
-                log.warning(
-                    "stopped by signal %d at step %d; checkpoint saved", stop["signal"], step
-                )
+            if loop.checkpoint_due(step):
+                loop.save(step, state, data_iterator=train_iter, config=config.to_dict())
+            if loop.stopping(step):
                 break
-    finally:
-        ckpt.close()
-        writer.close()
-        if pbar is not None:
-            pbar.close()
-        signal.signal(signal.SIGTERM, old_handler)
     return {"step": step, "state": state, "workdir": str(workdir_path)}
 
 
