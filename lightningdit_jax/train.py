@@ -34,7 +34,13 @@ from vavae_jax.data import make_global_batch
 from vavae_jax.runtime import checkpoint as ckpt_lib
 from vavae_jax.runtime import sharding
 from vavae_jax.runtime.logging import MetricWriter, image_grid, save_png
-from vavae_jax.runtime.loop import LoopControl, TrainingDivergedError, check_finite, progress_bar  # noqa: F401  (re-exported)
+from vavae_jax.runtime.loop import (  # noqa: F401  (re-exported)
+    LoopControl,
+    TrainingDivergedError,
+    check_finite,
+    progress_bar,
+    restore_or_init,
+)
 
 log = logging.getLogger(__name__)
 
@@ -333,16 +339,14 @@ def run(
 
     # ---- resume or initialise ----------------------------------------------------------------
     ckpt = ckpt_lib.Checkpointer(workdir_path / "checkpoints", max_to_keep=config.keep_checkpoints)
-    start_step = 0
-    if ckpt.latest_step() is not None:
-        restored = ckpt.restore(None, train_step.abstract_state, data_iterator=train_iter)
-        state = restored["state"]
-        start_step = int(state["step"])
-        log.info("resumed from step %d in %s", start_step, ckpt.directory)
-    else:
-        state = train_step.init_state(jax.random.fold_in(rng, 1))
-        if jax.process_index() == 0:  # one writer; every process saves the checkpoint
-            ckpt_lib.save_json(workdir_path / "config.json", config.to_dict())
+    state, start_step = restore_or_init(
+        ckpt,
+        train_step.abstract_state,
+        lambda: train_step.init_state(jax.random.fold_in(rng, 1)),
+        data_iterator=train_iter,
+        config=config,
+        workdir=workdir_path,
+    )
     jit_step = train_step.jit()
 
     # ---- loop --------------------------------------------------------------------------------

@@ -31,7 +31,13 @@ from vavae_jax import model as model_lib
 from vavae_jax.runtime import checkpoint as ckpt_lib
 from vavae_jax.runtime import sharding
 from vavae_jax.runtime.logging import MetricWriter, image_grid, save_png
-from vavae_jax.runtime.loop import LoopControl, TrainingDivergedError, check_finite, progress_bar  # noqa: F401  (re-exported)
+from vavae_jax.runtime.loop import (  # noqa: F401  (re-exported)
+    LoopControl,
+    TrainingDivergedError,
+    check_finite,
+    progress_bar,
+    restore_or_init,
+)
 from vavae_jax.train_step import Generator, StepConfig, make_train_step
 
 log = logging.getLogger(__name__)
@@ -505,13 +511,8 @@ def run(
 
     # ---- resume or initialise ----------------------------------------------------------------
     ckpt = ckpt_lib.Checkpointer(workdir_path / "checkpoints", max_to_keep=config.keep_checkpoints)
-    start_step = 0
-    if ckpt.latest_step() is not None:
-        restored = ckpt.restore(None, train_step.abstract_state, data_iterator=train_iter)
-        state = restored["state"]
-        start_step = int(state["step"])
-        log.info("resumed from step %d in %s", start_step, ckpt.directory)
-    else:
+
+    def init():
         state = train_step.init_state(jax.random.fold_in(rng, 1))
         if config.init_from:
             gen = nnx.merge(gen_def, state["gen"], state["gen_rest"])
@@ -520,8 +521,16 @@ def run(
             if "ema" in state:
                 state["ema"] = jax.tree.map(jnp.copy, state["gen"])
             # Adam's moments start at zero whatever the weights: opt_g needs no new init.
-        if jax.process_index() == 0:  # one writer; every process saves the checkpoint
-            ckpt_lib.save_json(workdir_path / "config.json", config.to_dict())
+        return state
+
+    state, start_step = restore_or_init(
+        ckpt,
+        train_step.abstract_state,
+        init,
+        data_iterator=train_iter,
+        config=config,
+        workdir=workdir_path,
+    )
     jit_step = train_step.jit()
 
     # ---- loop --------------------------------------------------------------------------------

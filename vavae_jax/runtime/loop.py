@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import logging
 import math
+import pathlib
 import signal
 import time
 from typing import Any
 
 import jax
+
+from vavae_jax.runtime import checkpoint as ckpt_lib
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,21 @@ def check_finite(pending, last_good, ckpt, *, loss_key: str, norm_key: str) -> N
             f"loss {loss}, parameter norm {norm} after step {step + 1}; training stopped without "
             f"saving the diverged state; {where}. Lower the learning rate or check the data."
         )
+
+
+def restore_or_init(ckpt, abstract_state, init, *, data_iterator, config, workdir) -> tuple:
+    """(state, start_step): the latest checkpoint of `ckpt` restored into `abstract_state`
+    (with the data iterator's position), or `init()` for a new run, whose `config.json` process
+    0 writes into `workdir` (every process saves checkpoints)."""
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(None, abstract_state, data_iterator=data_iterator)["state"]
+        start_step = int(state["step"])
+        log.info("resumed from step %d in %s", start_step, ckpt.directory)
+        return state, start_step
+    state = init()
+    if jax.process_index() == 0:
+        ckpt_lib.save_json(pathlib.Path(workdir) / "config.json", config.to_dict())
+    return state, 0
 
 
 def progress_bar(enabled: bool, start: int, total: int, desc: str):
