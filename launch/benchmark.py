@@ -160,9 +160,22 @@ def maybe_profile(args, name: str, fn: Callable[[], object], steps: int = 3) -> 
         print(f"  (no profile: {e})", flush=True)
         return
     print(profiling.format_summary(summary), flush=True)
-    summary["top_kernels"] = summary["top_kernels"][:60]
-    summary["top_hlo_ops"] = summary["top_hlo_ops"][:60]
+    summary["top_kernels"] = summary["top_kernels"][: args.profile_top]
+    summary["top_hlo_ops"] = summary["top_hlo_ops"][: args.profile_top]
     PROFILES[name] = summary
+
+
+def save_hlo(args, name: str, compiled) -> None:
+    """With --hlo_dir: the compiled program's optimised HLO (gzipped text), to read the fusions
+    XLA made (which tensors each kernel reads and writes)."""
+    if not args.hlo_dir:
+        return
+    import gzip
+
+    path = pathlib.Path(args.hlo_dir) / (name.replace("/", "") + ".hlo.txt.gz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(compiled.as_text().encode()))
+    print(f"  optimised HLO: {path}", flush=True)
 
 
 def bench_vae_codec(args, peak):
@@ -379,6 +392,8 @@ def _dit_train_case(args, peak, spec):
     t = time.perf_counter()
     compiled = ts.jit().lower(state, batch, bits[0]).compile()
     compile_s = time.perf_counter() - t
+    name = f"dit_train_{preset}_{dtype}_remat-{remat}_{layers}" + (f"_x{n}dev" if n > 1 else "")
+    save_hlo(args, name, compiled)
     flops = xla_flops(compiled)
     times = []
     for i in range(3 + args.iters):
@@ -396,7 +411,6 @@ def _dit_train_case(args, peak, spec):
         min_s=min(times),
         flops=3 * _dit_forward_flops(mcfg) * gb,
     )
-    name = f"dit_train_{preset}_{dtype}_remat-{remat}_{layers}" + (f"_x{n}dev" if n > 1 else "")
     record(
         name,
         gb,
@@ -493,7 +507,8 @@ def bench_dit_forward(args, peak):
 
         r = timeit(fwd, (params, x, t, y), args.iters)
         r["flops"] = _dit_forward_flops(cfg) * b
-        name = f"dit_forward_{preset.replace('/', '')}_{dtype}_{layers}"
+        name = f"dit_forward_{preset.replace('/', '')}_{dtype}_{layers}_b{b}"
+        save_hlo(args, name, r["compiled"])
         out = np.asarray(r["out"], np.float64)
         record(name, b, r, peak, out_rms=float(np.sqrt(np.mean(out**2))))
         if args.save_forward_out:  # e.g. to compare the outputs of XLA flag variants
@@ -530,6 +545,10 @@ def main():
     )
     p.add_argument(
         "--profile_dir", default="", help="Also trace the train/forward cases; kernel summary."
+    )
+    p.add_argument("--hlo_dir", default="", help="write the DiT steps' optimised HLO here")
+    p.add_argument(
+        "--profile_top", type=int, default=60, help="kernels kept per profile in the JSON"
     )
     p.add_argument(
         "--num_devices",

@@ -1,0 +1,165 @@
+"""launch/roofline.py: its GEMM list is the program's, its traffic floor and sampler counts hold."""
+
+import dataclasses
+import importlib.util
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lightningdit_jax.model import PRESETS, LightningDiT, abstract_model
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("roofline", ROOT / "launch/roofline.py")
+roofline = importlib.util.module_from_spec(_spec)
+sys.modules["roofline"] = roofline  # dataclasses look their module up there
+_spec.loader.exec_module(roofline)
+
+_TYPES = re.compile(r":\s*\((tensor<[^>]*>),\s*(tensor<[^>]*>)\)\s*->\s*(tensor<[^>]*>)")
+
+
+def _shape(t: str) -> list[int]:
+    return [int(x) for x in t[len("tensor<") :].split("x")[:-1]]
+
+
+def _lowered_products(text: str) -> tuple[list[float], int, int]:
+    """(FLOPs of each dot without batch dimensions, number of batched dots, of convolutions)
+    in a lowered StableHLO module."""
+    flops, batched, convs = [], 0, 0
+    for line in text.splitlines():
+        if "stablehlo.convolution" in line:
+            convs += 1
+        if "stablehlo.dot_general" not in line:
+            continue
+        if "batching_dims" in line:  # attention's score and value products
+            batched += 1
+            continue
+        contract = re.search(r"contracting_dims = \[([\d, ]*)\] x", line).group(1)
+        lhs, _, out = _TYPES.search(line).groups()
+        k = np.prod([_shape(lhs)[int(i)] for i in contract.split(",")])
+        flops.append(2.0 * float(np.prod(_shape(out))) * float(k))
+    return sorted(flops), batched, convs
+
+
+def _lower(cfg, batch: int, train: bool) -> str:
+    model = LightningDiT(cfg, rngs=nnx.Rngs(0))
+    g, params, rest = nnx.split(model, nnx.Param, ...)
+    s = cfg.input_size
+    x = jnp.zeros((batch, s, s, cfg.in_channels), jnp.float32)
+    t = jnp.full((batch,), 0.5, jnp.float32)
+    y = jnp.zeros((batch,), jnp.int32)
+
+    def forward(params):
+        return nnx.merge(g, params, rest)(x, t, y)
+
+    if train:
+        return jax.jit(jax.grad(lambda p: jnp.sum(forward(p) ** 2))).lower(params).as_text()
+    return jax.jit(forward).lower(params).as_text()
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("swiglu", [True, False])
+def test_gemm_plan_is_the_programs(train, swiglu):
+    """Every matmul of the lowered forward / gradient program, no more and no fewer, with the
+    same sizes (FLOPs of each product): the floor's GEMM time misses nothing."""
+    cfg = dataclasses.replace(
+        PRESETS["tiny"], scan_layers=False, dtype="bfloat16", use_swiglu=swiglu, depth=3
+    )
+    batch = 2
+    plan = roofline.gemms(cfg, batch, train)
+    want = sorted(
+        2.0 * g.m * g.k * g.n
+        for g in plan
+        if not g.name.startswith("embed.conv")
+        for _ in range(g.count)
+    )
+    got, batched, convs = _lowered_products(_lower(cfg, batch, train))
+    assert got == want
+    # the patch embedding: its forward, and in training its weight gradient, are convolutions
+    assert convs == (2 if train else 1)
+    assert sum(g.count for g in plan if g.name.startswith("embed.conv")) == convs
+    # attention: 2 batched products per block forward (XLA's path on the CPU), 4 more backward
+    assert batched == cfg.depth * (6 if train else 2)
+    b, t, n, h = roofline.attention_shape(cfg, batch)
+    assert (b, t, n, h) == (batch, cfg.num_patches, cfg.num_heads, cfg.head_dim)
+
+
+def test_gemm_flops_match_the_benchmarks_count():
+    """XL/1: the plan's forward matmul FLOPs equal launch/benchmark.py's analytic count (the
+    MFU figures of BENCHMARKS.md) with attention's products added."""
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "launch/benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = PRESETS["XL/1"]
+    plan = sum(g.flops for g in roofline.gemms(cfg, 1, train=False))
+    attn = roofline.attention_flops(cfg, 1, train=False)
+    # the benchmark's count leaves out the timestep MLP, the final layer's adaLN and its output
+    # projection (0.02% together)
+    extra = 2.0 * (256 * 1152 + 1152 * 1152 + 1152 * 2304 + 256 * 1152 * 32)
+    assert plan + attn - extra == pytest.approx(bench._dit_forward_flops(cfg), rel=1e-12)
+
+
+def test_traffic_floor_items():
+    """The optimizer term uses the model's own parameter count; activation terms scale with the
+    batch; a train step moves more than its forward; GELU and no-RoPE variants drop their items."""
+    cfg = dataclasses.replace(PRESETS["XL/1"], dtype="bfloat16")
+    n = sum(
+        int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract_model(cfg), nnx.Param))
+    )
+    assert roofline.trainable_params(cfg) == n
+    items = roofline.traffic(cfg, 64, train=True, n_params=n)
+    opt = [v for k, v in items.items() if k.startswith("optimizer")]
+    assert opt == [34.0 * n]
+    fwd64 = sum(roofline.traffic(cfg, 64, train=False).values())
+    fwd128 = sum(roofline.traffic(cfg, 128, train=False).values())
+    assert fwd128 == pytest.approx(2 * fwd64)
+    assert sum(items.values()) > fwd64 + 34.0 * n
+    # XL/1 per token and block: forward 16d + 6n (bf16 boundary tensors) + 8d (float32 stream);
+    # backward 20d + 10n + 16d; d = 1152, n = 3072
+    per_token_block = (sum(items.values()) - 34.0 * n) / (64 * 256 * 28)
+    assert per_token_block == pytest.approx(60 * 1152 + 16 * 3072, rel=0.01)
+    plain = dataclasses.replace(cfg, use_rope=False, use_swiglu=False)
+    keys = roofline.traffic(plain, 64, train=True, n_params=n).keys()
+    assert not any("q, k" in k or "dq" in k or "SwiGLU" in k for k in keys)
+    assert any("GELU" in k for k in keys)
+
+
+def test_sampler_evaluations_follow_the_time_grid():
+    """Guided calls are the Euler steps whose shifted time is >= the interval start, counted on
+    torch.linspace's grid recomputed in numpy."""
+    steps, shift, start = 250, 0.3, 0.1
+    t = np.linspace(0.0, 1.0, steps, dtype=np.float64)
+    t = shift * t / (1 + (shift - 1) * t)
+    want = int(np.sum(t[: steps - 1] >= start))
+    guided, plain = roofline.sampler_evaluations(steps, shift, start)
+    assert (guided, plain) == (want, steps - 1 - want)
+    assert 0 < plain < guided
+    assert roofline.sampler_evaluations(steps, shift, 0.0) == (steps - 1, 0)
+
+
+def test_dry_run_cli(tmp_path):
+    """The command prints the plan on a CPU and refuses to measure without a GPU."""
+    out = tmp_path / "r.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch/roofline.py"),
+        "--train=B/1,4",
+        "--forward=B/1,8;B/1,4",
+    ]
+    r = subprocess.run([*cmd, "--dry_run", f"--out={out}"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "least other traffic" in r.stdout
+    import json
+
+    data = json.loads(out.read_text())
+    assert set(data["paths"]) == {"B/1 train b4", "B/1 forward b8", "B/1 forward b4"}
+    assert data["sampler"]["guided_calls"] + data["sampler"]["conditional_calls"] == 249
+    if jax.default_backend() != "gpu":
+        r = subprocess.run([*cmd, f"--out={out}"], capture_output=True, text=True)
+        assert r.returncode != 0 and "needs a GPU" in r.stderr
