@@ -15,10 +15,13 @@ from lightningdit_jax.convert import from_torch_state_dict
 from lightningdit_jax.model import (
     Buffer,
     LabelEmbedder,
+    RMSNorm,
     abstract_model,
     apply_rope,
     count_params,
     get_2d_sincos_pos_embed,
+    modulate,
+    rms_modulate,
     rope_tables,
     split_rope,
     swiglu,
@@ -372,6 +375,34 @@ def test_custom_gradients_equal_autodiff(dtype, tol):
         (g_fast,), (g_plain,) = vjp_fast(cot), vjp_plain(cot)
         assert g_fast.dtype == dtype and g_fast.shape == x.shape
         assert_rel_close(g_fast, g_plain, tol)
+
+
+@pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
+def test_rms_modulate_equals_the_layers(out_dtype):
+    """rms_modulate: the same values as RMSNorm then modulate (bit for bit), and the gradients
+    of autodiff through them for x, the norm weight, scale and shift."""
+    kx, kw, ks, kb, kg = jax.random.split(jax.random.key(0), 5)
+    x = 3.0 * jax.random.normal(kx, (3, 16, 24))
+    w = 1.0 + 0.3 * jax.random.normal(kw, (24,))
+    scale = 0.5 * jax.random.normal(ks, (3, 24))
+    shift = jax.random.normal(kb, (3, 24))
+    graphdef, state = nnx.split(RMSNorm(24))
+
+    def plain(x, w, scale, shift):
+        norm = nnx.merge(graphdef, jax.tree.map(lambda _: w, state))
+        return modulate(norm(x), shift, scale).astype(out_dtype)
+
+    def fast(x, w, scale, shift):
+        return rms_modulate(x, w, scale, shift, 1e-6, out_dtype)
+
+    y_fast, vjp_fast = jax.vjp(fast, x, w, scale, shift)
+    y_plain, vjp_plain = jax.vjp(plain, x, w, scale, shift)
+    assert y_fast.dtype == out_dtype
+    np.testing.assert_array_equal(np.asarray(y_fast, np.float32), np.asarray(y_plain, np.float32))
+    cot = jax.random.normal(kg, y_fast.shape).astype(out_dtype)
+    for a, b, name in zip(vjp_fast(cot), vjp_plain(cot), ("x", "weight", "scale", "shift")):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert_rel_close(a, b, 1e-5)
 
 
 def test_learn_sigma_drops_the_sigma_half():
