@@ -1,7 +1,9 @@
 """A/B of BENCHMARKS.md run 28 (rejected): the trainer's step with the block parameters, Adam
 moments and EMA held as per-layer slices, so that no stacked gradient is ever joined, against
-the trainer's stacked layout. Both steps start from one state; the script checks that one step
-gives equal parameters, then times them alternately on the same device.
+the trainer's stacked layout. `step` below repeats `train.make_train_step` line for line but for
+the parameters' layout (kept apart so the trainer has no hook for a rejected idea). Both steps
+start from one state; the script checks that one step gives equal parameters, then times them
+alternately on the same device.
 
     CASES="XL/1:64,B/1:256" ITERS=20 python3 launch/ab_sliced_state.py   # writes $OUT/exp_sliced.json
 """
