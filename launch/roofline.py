@@ -355,10 +355,19 @@ def main():
     p.add_argument("--sample_shift", type=float, default=0.3)
     p.add_argument("--cfg_interval_start", type=float, default=0.1)
     p.add_argument("--spec_bw", type=float, default=0.0, help="datasheet bandwidth, bytes/s")
+    p.add_argument(
+        "--reference_json",
+        default="",
+        help="launch/bench_reference.py output from this machine: targets from its figures "
+        "instead of the H100 ones (the same GPU kind, measured in the same session)",
+    )
     p.add_argument("--dry_run", action="store_true", help="print the plan; measure nothing")
     p.add_argument("--out", default="roofline.json")
     args = p.parse_args()
 
+    if args.reference_json:  # fail before measuring anything
+        results_reference = reference_figures(args.reference_json)
+        print(f"reference figures from {args.reference_json} ({results_reference['device']})")
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
     if not args.dry_run and jax.default_backend() != "gpu":
@@ -459,15 +468,38 @@ def main():
     pathlib.Path(args.out).write_text(json.dumps(results, indent=2))
 
 
+def reference_figures(path: str) -> dict:
+    """REFERENCE with `same_session` replaced by a bench_reference.py JSON's figures."""
+    data = json.loads(pathlib.Path(path).read_text())
+    rows = {r["case"]: r for r in data["results"]}
+    want = {
+        "XL/1 train b64": ("reference_train_XL/1", 64, "img_per_s"),
+        "B/1 train b256": ("reference_train_B/1", 256, "img_per_s"),
+        "XL/1 sample b128": ("reference_cfg_forward_XL/1", 128, "img_per_s_at_250_steps"),
+    }
+    out = {k: dict(v) for k, v in REFERENCE.items()}
+    for name, (case, batch, key) in want.items():
+        row = rows.get(case)
+        if row is None or row.get("batch") != batch:
+            raise SystemExit(
+                f"--reference_json={path}: no {case!r} at batch {batch} there (found "
+                f"{sorted(rows)}); run launch/bench_reference.py with its default cases"
+            )
+        out[name]["same_session"] = row[key]
+    out["device"] = data["meta"]["device"]
+    return out
+
+
 def _targets(results, args) -> dict:
     """Each issue target as a time per batch, against the floor (where measured)."""
     out = {}
+    reference = reference_figures(args.reference_json) if args.reference_json else REFERENCE
     keys = {
         "XL/1 train b64": ("XL/1 train b64", 64),
         "B/1 train b256": ("B/1 train b256", 256),
     }
     for name, (path, batch) in keys.items():
-        ref = REFERENCE[name]
+        ref = reference[name]
         row = dict(
             target_ms_design=batch / (ref["ratio"] * ref["design"]) * 1e3,
             target_ms_same_session=batch / (ref["ratio"] * ref["same_session"]) * 1e3,
@@ -477,7 +509,7 @@ def _targets(results, args) -> dict:
             if f"floor_ms_{bw}" in floor:
                 row[f"floor_ms_{bw}"] = floor[f"floor_ms_{bw}"]
         out[name] = row
-    ref = REFERENCE["XL/1 sample b128"]
+    ref = reference["XL/1 sample b128"]
     row = dict(
         target_s_design=args.sample_batch / (ref["ratio"] * ref["design"]),
         target_s_same_session=args.sample_batch / (ref["ratio"] * ref["same_session"]),

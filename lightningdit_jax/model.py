@@ -129,6 +129,12 @@ class LightningDiTConfig:
         return self.grid_size**2
 
     @property
+    def dense_custom_grad(self) -> bool:
+        """Whether the blocks' linear layers use `dense`'s backward: only without remat, where
+        it measured faster (BENCHMARKS.md run 29)."""
+        return self.remat_policy == "none"
+
+    @property
     def null_label(self) -> int:
         """The label of the unconditional embedding (exists when class_dropout_prob > 0)."""
         return self.num_classes
@@ -310,14 +316,74 @@ swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 # Layers
 
 
+@jax.custom_vjp
+def dense(x, kernel, bias):
+    """`x @ kernel + bias` (x [..., in], kernel [in, out], bias [out], one dtype), as nnx.Linear
+    computes it, with a backward pass that writes the kernel's gradient as [in, out] directly.
+
+    Autodiff computes that gradient as dy^T @ x, [out, in], and transposes it; XLA folded the
+    transpose into the kernel that stacks the 28 layers' gradients for AdamW, which then ran at
+    0.45-0.7 TB/s. Here it is one product contracting the token axes, x^T @ dy. Same operations
+    forward. BENCHMARKS.md run 29, train steps without remat: XL/1 b64 122.4 -> 121.2 ms, B/1
+    b256 100.0 -> 98.2 ms; with remat (`dots_no_batch`) it was slower (250.4 -> 260.3 ms: the
+    policy cannot see into a custom VJP), so `Dense` uses it only where the blocks are not
+    rematerialised.
+    """
+    return jnp.dot(x, kernel) + bias
+
+
+def _dense_fwd(x, kernel, bias):
+    return dense(x, kernel, bias), (x, kernel)
+
+
+def _dense_bwd(res, dy):
+    x, kernel = res
+    x2 = x.reshape(-1, x.shape[-1])
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dx = jnp.dot(dy, kernel.T)
+    d_kernel = jax.lax.dot_general(x2, dy2, (((0,), (0,)), ((), ())))  # [in, out]
+    return dx, d_kernel, jnp.sum(dy2, axis=0)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+class Dense(nnx.Linear):
+    """nnx.Linear (same parameters, names and forward); with `custom_grad` its product goes
+    through `dense`."""
+
+    def __init__(self, *args, custom_grad: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.custom_grad = custom_grad
+
+    def __call__(self, inputs, out_sharding=None):
+        if not self.custom_grad or self.bias is None or out_sharding is not None:
+            return super().__call__(inputs, out_sharding)
+        if self.preferred_element_type is not None:
+            return super().__call__(inputs, out_sharding)
+        x, kernel, bias = self.promote_dtype(
+            (inputs, self.kernel[...], self.bias[...]), dtype=self.dtype
+        )
+        return dense(x, kernel, bias)
+
+
 def _dense(
-    cin: int, cout: int, rngs: nnx.Rngs, dtype, axes: tuple, *, init=None, bias: bool = True
-) -> nnx.Linear:
+    cin: int,
+    cout: int,
+    rngs: nnx.Rngs,
+    dtype,
+    axes: tuple,
+    *,
+    init=None,
+    bias: bool = True,
+    custom_grad: bool = False,
+) -> Dense:
     """nn.Linear with the reference's `_basic_init` (xavier-uniform weight, zero bias)."""
     init = init or nnx.initializers.xavier_uniform()
-    return nnx.Linear(
+    return Dense(
         cin,
         cout,
+        custom_grad=custom_grad,
         use_bias=bias,
         dtype=dtype,
         param_dtype=jnp.float32,
@@ -515,7 +581,8 @@ class Attention(nnx.Module):
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
         self.implementation = config.attention_impl
-        self.qkv = _dense(d, 3 * d, rngs, dtype, ("embed", "heads"))
+        fast = config.dense_custom_grad
+        self.qkv = _dense(d, 3 * d, rngs, dtype, ("embed", "heads"), custom_grad=fast)
         if config.use_qknorm:
             if config.use_rmsnorm:
                 self.q_norm = RMSNorm(self.head_dim, axis_name=None)
@@ -525,7 +592,7 @@ class Attention(nnx.Module):
                 self.k_norm = LayerNorm(self.head_dim, 1e-5, True, axis_name=None)
         else:
             self.q_norm = self.k_norm = None
-        self.proj = _dense(d, d, rngs, dtype, ("heads", "embed"))
+        self.proj = _dense(d, d, rngs, dtype, ("heads", "embed"), custom_grad=fast)
 
     def __call__(self, x, rope=None):  # [B, T, D]
         b, t, d = x.shape
@@ -553,9 +620,9 @@ class Attention(nnx.Module):
 class Mlp(nnx.Module):
     """timm Mlp with GELU (tanh approximation)."""
 
-    def __init__(self, dim: int, hidden: int, rngs: nnx.Rngs, dtype):
-        self.fc1 = _dense(dim, hidden, rngs, dtype, ("embed", "mlp"))
-        self.fc2 = _dense(hidden, dim, rngs, dtype, ("mlp", "embed"))
+    def __init__(self, dim: int, hidden: int, rngs: nnx.Rngs, dtype, custom_grad: bool = False):
+        self.fc1 = _dense(dim, hidden, rngs, dtype, ("embed", "mlp"), custom_grad=custom_grad)
+        self.fc2 = _dense(hidden, dim, rngs, dtype, ("mlp", "embed"), custom_grad=custom_grad)
 
     def __call__(self, x):
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
@@ -564,9 +631,9 @@ class Mlp(nnx.Module):
 class SwiGLUFFN(nnx.Module):
     """Reference models/swiglu_ffn.py: w12 -> (silu(x1) * x2) -> w3."""
 
-    def __init__(self, dim: int, hidden: int, rngs: nnx.Rngs, dtype):
-        self.w12 = _dense(dim, 2 * hidden, rngs, dtype, ("embed", "mlp"))
-        self.w3 = _dense(hidden, dim, rngs, dtype, ("mlp", "embed"))
+    def __init__(self, dim: int, hidden: int, rngs: nnx.Rngs, dtype, custom_grad: bool = False):
+        self.w12 = _dense(dim, 2 * hidden, rngs, dtype, ("embed", "mlp"), custom_grad=custom_grad)
+        self.w3 = _dense(hidden, dim, rngs, dtype, ("mlp", "embed"), custom_grad=custom_grad)
 
     def __call__(self, x):
         h = swiglu(_sharding.constrain_batch(self.w12(x)))
@@ -584,14 +651,17 @@ class LightningDiTBlock(nnx.Module):
         self.norm1 = _block_norm(d, config.use_rmsnorm)
         self.norm2 = _block_norm(d, config.use_rmsnorm)
         self.attn = Attention(config, rngs, dtype)
+        fast = config.dense_custom_grad
         mlp_hidden = int(d * config.mlp_ratio)
         if config.use_swiglu:
-            self.mlp = SwiGLUFFN(d, int(2 / 3 * mlp_hidden), rngs, dtype)
+            self.mlp = SwiGLUFFN(d, int(2 / 3 * mlp_hidden), rngs, dtype, fast)
         else:
-            self.mlp = Mlp(d, mlp_hidden, rngs, dtype)
+            self.mlp = Mlp(d, mlp_hidden, rngs, dtype, fast)
         n_mod = 4 if config.wo_shift else 6
         zeros = nnx.initializers.zeros_init()
-        self.adaLN_modulation = _dense(d, n_mod * d, rngs, dtype, ("embed", "mlp"), init=zeros)
+        self.adaLN_modulation = _dense(
+            d, n_mod * d, rngs, dtype, ("embed", "mlp"), init=zeros, custom_grad=fast
+        )
 
     def __call__(self, x, c, rope=None):  # x [B, T, D] float32, c [B, D]
         mod = self.adaLN_modulation(jax.nn.silu(c)).astype(jnp.float32)

@@ -14,6 +14,7 @@ from lightningdit_jax import PRESETS, LightningDiT, LightningDiTConfig
 from lightningdit_jax.convert import from_torch_state_dict
 from lightningdit_jax.model import (
     Buffer,
+    Dense,
     LabelEmbedder,
     RMSNorm,
     abstract_model,
@@ -403,6 +404,56 @@ def test_rms_modulate_equals_the_layers(out_dtype):
     for a, b, name in zip(vjp_fast(cot), vjp_plain(cot), ("x", "weight", "scale", "shift")):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert_rel_close(a, b, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_dense_equals_nnx_linear(dtype):
+    """Dense (the custom-VJP product): nnx.Linear's outputs bit for bit, and autodiff's gradients
+    of nnx.Linear for the input, kernel and bias, also inside jax.checkpoint with a policy."""
+    kw = dict(use_bias=True, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    ours, ref = Dense(24, 40, custom_grad=True, **kw), nnx.Linear(24, 40, **kw)
+    # Non-zero bias, same parameters in both.
+    ref.bias[...] = jax.random.normal(jax.random.key(3), (40,))
+    nnx.update(ours, nnx.state(ref))
+    x = jax.random.normal(jax.random.key(1), (3, 16, 24))
+    cot = jax.random.normal(jax.random.key(2), (3, 16, 40)).astype(dtype or jnp.float32)
+
+    def apply(layer, remat):
+        graphdef, state = nnx.split(layer)
+
+        def f(x, state):
+            return nnx.merge(graphdef, state)(x)
+
+        if remat:
+            f = jax.checkpoint(f, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        return jax.vjp(f, x, state)
+
+    y_ref, vjp_ref = apply(ref, False)
+    g_ref = vjp_ref(cot)
+    for remat in (False, True):
+        y, vjp = apply(ours, remat)
+        assert y.dtype == y_ref.dtype
+        np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+        g = vjp(cot)
+        leaves, leaves_ref = jax.tree.leaves(g), jax.tree.leaves(g_ref)
+        assert len(leaves) == len(leaves_ref) == 3  # x, bias, kernel
+        # bf16: one rounding of the same sums, in another order.
+        for a, b in zip(leaves, leaves_ref, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert_rel_close(a, b, 1e-5 if dtype is None else 1e-2)
+
+
+def test_blocks_use_dense_custom_grad_only_without_remat():
+    """`dense`'s backward measured faster without remat and slower under `dots_no_batch`
+    (BENCHMARKS.md run 29): the blocks' linear layers use it exactly when remat is off; the
+    embedders and the final layer never do."""
+    for policy, expected in (("none", True), ("dots_no_batch", False), ("save_bf16", False)):
+        model = abstract_model(dataclasses.replace(PRESETS["tiny"], remat_policy=policy))
+        blk = model.blocks
+        layers = (blk.attn.qkv, blk.attn.proj, blk.mlp.w12, blk.mlp.w3, blk.adaLN_modulation)
+        assert [lay.custom_grad for lay in layers] == [expected] * 5, policy
+        assert not model.final_layer.linear.custom_grad
+        assert not model.t_embedder.mlp_0.custom_grad
 
 
 def test_learn_sigma_drops_the_sigma_half():

@@ -163,3 +163,37 @@ def test_dry_run_cli(tmp_path):
     if jax.default_backend() != "gpu":
         r = subprocess.run([*cmd, f"--out={out}"], capture_output=True, text=True)
         assert r.returncode != 0 and "needs a GPU" in r.stderr
+
+
+def _reference_json(path, xl=500.0, b=2500.0, cfg_fwd_s=0.1):
+    import json
+
+    results = [
+        dict(case="reference_train_XL/1", batch=64, img_per_s=xl),
+        dict(case="reference_train_B/1", batch=256, img_per_s=b),
+        dict(
+            case="reference_cfg_forward_XL/1",
+            batch=128,
+            img_per_s_at_250_steps=128 / (250 * cfg_fwd_s),
+        ),
+    ]
+    path.write_text(json.dumps(dict(meta=dict(device="NVIDIA H200"), results=results)))
+    return path
+
+
+def test_reference_json_sets_the_same_session_targets(tmp_path):
+    """Targets follow a bench_reference.py measurement; a missing case is an error naming it."""
+    ref = roofline.reference_figures(str(_reference_json(tmp_path / "ref.json")))
+    assert ref["device"] == "NVIDIA H200"
+    assert ref["XL/1 train b64"]["same_session"] == 500.0
+    assert ref["XL/1 sample b128"]["same_session"] == pytest.approx(128 / 25.0)
+    assert ref["B/1 train b256"]["design"] == roofline.REFERENCE["B/1 train b256"]["design"]
+    args = type("A", (), dict(reference_json=str(tmp_path / "ref.json"), sample_batch=128))
+    targets = roofline._targets(dict(paths={}, sampler={}), args)
+    assert targets["XL/1 train b64"]["target_ms_same_session"] == pytest.approx(64 / 800 * 1e3)
+    assert targets["B/1 train b256"]["target_ms_same_session"] == pytest.approx(256 / 3750 * 1e3)
+    assert targets["XL/1 sample b128"]["target_s_same_session"] == pytest.approx(25.0 / 1.5)
+    bad = _reference_json(tmp_path / "bad.json")
+    bad.write_text(bad.read_text().replace("reference_train_B/1", "reference_train_B/2"))
+    with pytest.raises(SystemExit, match="reference_train_B/1"):
+        roofline.reference_figures(str(bad))
