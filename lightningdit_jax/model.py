@@ -283,30 +283,33 @@ split_rope.defvjp(_split_rope_fwd, _split_rope_bwd)
 def swiglu(h: jax.Array) -> jax.Array:
     """h [..., 2n] -> silu(h[..., :n]) * h[..., n:] (reference SwiGLUFFN between w12 and w3).
 
-    The backward pass computes both halves' gradients (in float32) as one [..., 2n] output, so
-    that XLA writes the w12 output's gradient in one fusion instead of two halves then copies.
+    The forward pass also writes both halves' derivative coefficients, computed in float32 and
+    stored in h's dtype as one [..., 2, n] residual; the backward pass is then one product with
+    the incoming gradient, written as the [..., 2n] gradient of the w12 output in one fusion.
+    Storing h instead made XLA write the first coefficient in float32 from the forward fusion
+    anyway and read h again in the backward (BENCHMARKS.md, run 34).
     """
     a, b = jnp.split(h, 2, axis=-1)
     return jax.nn.silu(a) * b
 
 
 def _swiglu_fwd(h):
-    return swiglu(h), h
-
-
-def _swiglu_bwd(h, g):
-    # One elementwise expression over h viewed as [..., 2, n] (a select between the two halves'
-    # formulas), not two halves joined by a concatenate: XLA computed the halves in one kernel
-    # and then copied them into the [..., 2n] gradient twice (once per consumer GEMM), 7.4 ms of
-    # an XL/1 step at batch 64 on an H100.
     n = h.shape[-1] // 2
     h2 = h.astype(jnp.float32).reshape(*h.shape[:-1], 2, n)
     a, b = h2[..., :1, :], h2[..., 1:, :]
-    g2 = g.astype(jnp.float32)[..., None, :]
     sig = jax.nn.sigmoid(a)
     first = jax.lax.broadcasted_iota(jnp.int32, (2, n), 0) == 0
     coef = jnp.where(first, b * sig * (1.0 + a * (1.0 - sig)), a * sig)  # d/da, d/db
-    return ((g2 * coef).astype(h.dtype).reshape(h.shape),)
+    return swiglu(h), coef.astype(h.dtype)
+
+
+def _swiglu_bwd(coef, g):
+    # One elementwise product over [..., 2, n] (the coefficients already side by side), not two
+    # halves joined by a concatenate: XLA computed the halves in one kernel and then copied
+    # them into the [..., 2n] gradient twice (once per consumer GEMM), 7.4 ms of an XL/1 step
+    # at batch 64 on an H100.
+    grad = g.astype(jnp.float32)[..., None, :] * coef.astype(jnp.float32)
+    return (grad.astype(coef.dtype).reshape(*coef.shape[:-2], -1),)
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

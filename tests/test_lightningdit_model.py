@@ -378,6 +378,21 @@ def test_custom_gradients_equal_autodiff(dtype, tol):
         assert_rel_close(g_fast, g_plain, tol)
 
 
+def test_swiglu_keeps_its_coefficients_not_its_input():
+    """The backward reads one [..., 2, n] residual in h's dtype (the two derivative
+    coefficients), not h itself, from which XLA hoisted a float32 coefficient (BENCHMARKS run 34)."""
+    from lightningdit_jax import model as model_lib
+
+    h = jax.random.normal(jax.random.key(0), (2, 5, 12)).astype(jnp.bfloat16)
+    out, res = model_lib._swiglu_fwd(h)
+    assert res.shape == (2, 5, 2, 6) and res.dtype == jnp.bfloat16
+    a, b = jnp.split(h.astype(jnp.float32), 2, axis=-1)
+    sig = jax.nn.sigmoid(a)
+    want = jnp.stack([b * sig * (1 + a * (1 - sig)), a * sig], axis=-2).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(res, np.float32), np.asarray(want, np.float32))
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(swiglu(h), np.float32))
+
+
 @pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
 def test_rms_modulate_equals_the_layers(out_dtype):
     """rms_modulate: the same values as RMSNorm then modulate (bit for bit), and the gradients
