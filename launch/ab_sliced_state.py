@@ -11,9 +11,7 @@ alternately on the same device.
 import json
 import os
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,25 +20,10 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from launch.ab_common import load_config, time_it  # noqa: E402
 from lightningdit_jax import train as dit_train  # noqa: E402
 from lightningdit_jax import transport as transport_lib  # noqa: E402
 from vavae_jax.runtime import sharding  # noqa: E402
-
-
-def load_config(preset, b):
-    import importlib.util
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "configs/lightningdit_xl_vavae_f16d32.py"
-    spec = importlib.util.spec_from_file_location("dit_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(preset)
-    config.global_batch_size = b
-    config.dtype = "bfloat16"
-    config.model.remat_policy = "none"
-    config.model.scan_layers = False
-    config.mesh.num_devices = 1
-    return config
 
 
 def sliced_step(ts, config, depth):
@@ -93,17 +76,6 @@ def sliced_step(ts, config, depth):
         )
 
     return step, convert, stack_tree
-
-
-def time_it(compiled, state, batch, bits, iters):
-    times = []
-    for i in range(3 + iters):
-        t = time.perf_counter()
-        state, metrics = compiled(state, batch, bits[i % 2])
-        jax.block_until_ready(metrics)
-        if i >= 3:
-            times.append(time.perf_counter() - t)
-    return state, statistics.median(times), float(metrics["train/loss"])
 
 
 def main():

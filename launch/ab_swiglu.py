@@ -11,7 +11,7 @@ the coefficient variant reads 201 MB of bf16 coefficients: 201 MB less per layer
 ms per step at 3-4.7 TB/s. Writes $OUT/ab_swiglu.json.
 """
 
-import json
+import functools
 import os
 import pathlib
 import sys
@@ -20,10 +20,8 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from launch.ab_sliced_state import load_config, time_it  # noqa: E402
+from launch import ab_common  # noqa: E402
 from lightningdit_jax import model as model_lib  # noqa: E402
-from lightningdit_jax import train as dit_train  # noqa: E402
-from vavae_jax.runtime import sharding  # noqa: E402
 
 
 @jax.custom_vjp
@@ -50,50 +48,18 @@ swiglu_h_residual.defvjp(_fwd, _bwd)
 VARIANTS = {"h_residual": swiglu_h_residual, "coef_residual": model_lib.swiglu}
 
 
+def use(name: str) -> None:  # SwiGLUFFN looks the function up when the step is traced
+    model_lib.swiglu = VARIANTS[name]
+
+
 def main():
-    out = pathlib.Path(os.environ.get("OUT", "/tmp"))
-    iters = int(os.environ.get("ITERS", "20"))
-    results = []
-    for case in os.environ.get("CASES", "XL/1:64:none").split(","):
-        preset, b, remat = case.split(":")
-        config = load_config(preset, int(b))
-        config.model.remat_policy = remat
-        mesh = sharding.mesh_from_config(config.mesh)
-        mcfg = dit_train.model_config(config)
-        shape = (int(b), mcfg.input_size, mcfg.input_size, mcfg.in_channels)
-        batch = dict(
-            latent=jax.random.normal(jax.random.key(1), shape, jnp.float32),
-            label=jax.random.randint(jax.random.key(2), (int(b),), 0, mcfg.num_classes),
-        )
-        bits = [jax.random.key_data(jax.random.key(i)) for i in range(2)]
-        row, steps = dict(case=case), {}
-        for name, fn in VARIANTS.items():
-            model_lib.swiglu = fn  # SwiGLUFFN looks the function up when the step is traced
-            ts = dit_train.build_step(config, mesh, mcfg)
-            state = ts.init_state(jax.random.key(0))
-            compiled = ts.jit().lower(state, batch, bits[0]).compile()
-            mem = compiled.memory_analysis()
-            steps[name] = (ts, compiled)
-            row[name] = dict(ms=[], temp_gib=getattr(mem, "temp_size_in_bytes", 0) / 2**30)
-            del state
-        model_lib.swiglu = VARIANTS["coef_residual"]
-        for _ in range(2):
-            for name, (ts, compiled) in steps.items():
-                state = ts.init_state(jax.random.key(0))
-                state, t, loss = time_it(compiled, state, batch, bits, iters)
-                row[name]["ms"].append(t * 1e3)
-                row[name]["loss"] = loss
-                print(case, name, f"{t * 1e3:.2f} ms loss {loss:.5f}", flush=True)
-                del state
-        print(case, row, flush=True)
-        results.append(row)
-        del steps
-    (out / "ab_swiglu.json").write_text(
-        json.dumps(
-            dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, results=results),
-            indent=1,
-        )
+    results = ab_common.trainer_ab(
+        os.environ.get("CASES", "XL/1:64:none"),
+        {name: functools.partial(use, name) for name in VARIANTS},
+        restore=functools.partial(use, "coef_residual"),
+        iters=int(os.environ.get("ITERS", "20")),
     )
+    ab_common.write_results(pathlib.Path(os.environ.get("OUT", "/tmp")), "ab_swiglu.json", results)
 
 
 if __name__ == "__main__":
