@@ -34,13 +34,8 @@ def _fwd(h):
     return swiglu_h_residual(h), h
 
 
-def _bwd(h, g):  # the backward of model.swiglu before run 34
-    n = h.shape[-1] // 2
-    h2 = h.astype(jnp.float32).reshape(*h.shape[:-1], 2, n)
-    a, b = h2[..., :1, :], h2[..., 1:, :]
-    sig = jax.nn.sigmoid(a)
-    first = jax.lax.broadcasted_iota(jnp.int32, (2, n), 0) == 0
-    coef = jnp.where(first, b * sig * (1.0 + a * (1.0 - sig)), a * sig)
+def _bwd(h, g):  # the backward of model.swiglu before run 34: coefficients from h, in float32
+    coef = model_lib.swiglu_coefficients(h)
     return ((g.astype(jnp.float32)[..., None, :] * coef).astype(h.dtype).reshape(h.shape),)
 
 

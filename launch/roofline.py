@@ -365,9 +365,10 @@ def main():
     p.add_argument("--out", default="roofline.json")
     args = p.parse_args()
 
-    if args.reference_json:  # fail before measuring anything
-        results_reference = reference_figures(args.reference_json)
-        print(f"reference figures from {args.reference_json} ({results_reference['device']})")
+    reference = REFERENCE
+    if args.reference_json:  # read (and fail) before measuring anything
+        reference = reference_figures(args.reference_json)
+        print(f"reference figures from {args.reference_json} ({reference['device']})")
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
     if not args.dry_run and jax.default_backend() != "gpu":
@@ -458,7 +459,7 @@ def main():
             sample[f"floor_s_{bw}"] = s
             sample[f"ceiling_img_per_s_{bw}"] = args.sample_batch / s
     results["sampler"] = sample
-    results["targets"] = _targets(results, args)
+    results["targets"] = _targets(results, args, reference)
     results["meta"] = dict(
         device=dev.device_kind, jax=jax.__version__, date=time.strftime("%Y-%m-%d"), argv=sys.argv
     )
@@ -490,10 +491,10 @@ def reference_figures(path: str) -> dict:
     return out
 
 
-def _targets(results, args) -> dict:
-    """Each issue target as a time per batch, against the floor (where measured)."""
+def _targets(results, args, reference: dict) -> dict:
+    """Each issue target as a time per batch, against the floor (where measured); `reference`
+    is REFERENCE or `reference_figures`'s."""
     out = {}
-    reference = reference_figures(args.reference_json) if args.reference_json else REFERENCE
     keys = {
         "XL/1 train b64": ("XL/1 train b64", 64),
         "B/1 train b256": ("B/1 train b256", 256),

@@ -293,14 +293,18 @@ def swiglu(h: jax.Array) -> jax.Array:
     return jax.nn.silu(a) * b
 
 
-def _swiglu_fwd(h):
+def swiglu_coefficients(h: jax.Array) -> jax.Array:
+    """d out / d h of `swiglu` per element, in float32, as [..., 2, n]: d/da, then d/db."""
     n = h.shape[-1] // 2
     h2 = h.astype(jnp.float32).reshape(*h.shape[:-1], 2, n)
     a, b = h2[..., :1, :], h2[..., 1:, :]
     sig = jax.nn.sigmoid(a)
     first = jax.lax.broadcasted_iota(jnp.int32, (2, n), 0) == 0
-    coef = jnp.where(first, b * sig * (1.0 + a * (1.0 - sig)), a * sig)  # d/da, d/db
-    return swiglu(h), coef.astype(h.dtype)
+    return jnp.where(first, b * sig * (1.0 + a * (1.0 - sig)), a * sig)
+
+
+def _swiglu_fwd(h):
+    return swiglu(h), swiglu_coefficients(h).astype(h.dtype)
 
 
 def _swiglu_bwd(coef, g):
@@ -360,9 +364,12 @@ class Dense(nnx.Linear):
         self.custom_grad = custom_grad
 
     def __call__(self, inputs, out_sharding=None):
-        if not self.custom_grad or self.bias is None or out_sharding is not None:
-            return super().__call__(inputs, out_sharding)
-        if self.preferred_element_type is not None:
+        if (
+            not self.custom_grad
+            or self.bias is None
+            or out_sharding is not None
+            or self.preferred_element_type is not None
+        ):
             return super().__call__(inputs, out_sharding)
         x, kernel, bias = self.promote_dtype(
             (inputs, self.kernel[...], self.bias[...]), dtype=self.dtype

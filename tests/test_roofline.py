@@ -188,8 +188,8 @@ def test_reference_json_sets_the_same_session_targets(tmp_path):
     assert ref["XL/1 train b64"]["same_session"] == 500.0
     assert ref["XL/1 sample b128"]["same_session"] == pytest.approx(128 / 25.0)
     assert ref["B/1 train b256"]["design"] == roofline.REFERENCE["B/1 train b256"]["design"]
-    args = type("A", (), dict(reference_json=str(tmp_path / "ref.json"), sample_batch=128))
-    targets = roofline._targets(dict(paths={}, sampler={}), args)
+    args = type("A", (), dict(sample_batch=128))
+    targets = roofline._targets(dict(paths={}, sampler={}), args, ref)
     assert targets["XL/1 train b64"]["target_ms_same_session"] == pytest.approx(64 / 800 * 1e3)
     assert targets["B/1 train b256"]["target_ms_same_session"] == pytest.approx(256 / 3750 * 1e3)
     assert targets["XL/1 sample b128"]["target_s_same_session"] == pytest.approx(25.0 / 1.5)
