@@ -38,6 +38,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from launch import config_cli  # noqa: E402
+
 TRAINER_MODULES = {"vavae": "vavae_jax.train", "lightningdit": "lightningdit_jax.train"}
 
 
@@ -170,4 +172,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=config_cli.parse_flags)

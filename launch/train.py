@@ -4,6 +4,7 @@
   python launch/train.py --config=configs/vavae_f16d32.py --config.global_batch_size=128
 
 Re-running the same command with the same --workdir resumes from its last checkpoint.
+The config's fields and defaults: python launch/train.py --config=configs/vavae_f16d32.py --help
 Multi-host: started automatically on TPU VMs and SLURM; elsewhere pass --coordinator_address,
 --num_processes and --process_id on every host (on CPU, collectives go over gloo):
 
@@ -22,6 +23,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from launch import config_cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file[:variants].", lock_config=True
@@ -93,4 +96,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_cli.parse_flags)

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,12 +33,13 @@ from lightningdit_jax import sampling
 from lightningdit_jax import transport as transport_lib
 from vavae_jax.data import make_global_batch
 from vavae_jax.runtime import checkpoint as ckpt_lib
-from vavae_jax.runtime import sharding
+from vavae_jax.runtime import compile_log, sharding
 from vavae_jax.runtime.logging import MetricWriter, image_grid, save_png
 from vavae_jax.runtime.loop import (  # noqa: F401  (re-exported)
     LoopControl,
     TrainingDivergedError,
     check_finite,
+    finished_step,
     progress_bar,
     restore_or_init,
 )
@@ -170,6 +172,15 @@ class TrainStep:
             donate_argnums=self.donate_argnums,
         )
 
+    @property
+    def abstract_args(self):
+        return (self.abstract_state, self.abstract_batch, self.abstract_rng)
+
+    def compile(self):
+        """The step compiled ahead of time from `abstract_args`: needs no array, so it can
+        overlap the state's initialisation. Call it with arrays in exactly these shardings."""
+        return self.jit().lower(*self.abstract_args).compile()
+
     def init_state(self, key: jax.Array) -> dict[str, Any]:
         """The initial state, each array created directly in its sharding."""
         return jax.jit(self.init, out_shardings=self.state_sharding)(key)
@@ -213,12 +224,12 @@ def build_step(config, mesh, mcfg: model_lib.LightningDiTConfig) -> TrainStep:
     # The mesh is made the abstract mesh of the trace: the model then keeps its activations split
     # over the batch (model.constrain_batch); without it GSPMD follows the fsdp-split weights and
     # splits activations along the hidden axis, gathering the batch (tensor-parallel style).
-    def fn(state, batch, rng_bits):
+    def lightningdit_train_step(state, batch, rng_bits):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return step_fn(state, batch, jax.random.wrap_key_data(rng_bits))
 
     return TrainStep(
-        fn=fn,
+        fn=lightningdit_train_step,
         graphdef=graphdef,
         model_config=mcfg,
         init=init,
@@ -245,8 +256,7 @@ def build_abstract_step(config, mesh):
     """
     validate_config(config, mesh)
     step = build_step(config, mesh, model_config(config, platform=_platform(mesh)))
-    args = (step.abstract_state, step.abstract_batch, step.abstract_rng)
-    return step.fn, args, step.in_shardings, step.out_shardings, step.donate_argnums
+    return step.fn, step.abstract_args, step.in_shardings, step.out_shardings, step.donate_argnums
 
 
 def _platform(mesh) -> str:
@@ -305,6 +315,8 @@ def run(
 ) -> dict[str, Any]:
     """Trains (or resumes) in `workdir`. `stop_after_steps` stops this invocation after that
     many steps exactly as SIGTERM does (checkpoint, then return): preemption on demand."""
+    started = time.perf_counter()
+    compile_log.install()
     mesh = sharding.mesh_from_config(config.mesh)
     validate_config(config, mesh)
     workdir_path = ckpt_lib.as_path(workdir)
@@ -324,6 +336,8 @@ def run(
         index["shape"],
         total_steps,
     )
+    if (done := finished_step(workdir_path / "checkpoints", total_steps)) is not None:
+        return {"step": done, "state": None, "meta": meta, "workdir": str(workdir_path)}
 
     # ---- the step, its state layout and shardings (shared with build_abstract_step) ---------
     mcfg = model_config(config, tuple(index["shape"][1:]), platform=_platform(mesh))
@@ -336,6 +350,7 @@ def run(
         )
     train_step = build_step(config, mesh, mcfg)
     graphdef, batch_sh = train_step.graphdef, train_step.batch_sharding
+    compiling = compile_log.InBackground(train_step.compile, "compile-train-step")
 
     # ---- resume or initialise ----------------------------------------------------------------
     ckpt = ckpt_lib.Checkpointer(workdir_path / "checkpoints", max_to_keep=config.keep_checkpoints)
@@ -347,7 +362,7 @@ def run(
         config=config,
         workdir=workdir_path,
     )
-    jit_step = train_step.jit()
+    jit_step = compiling.result()
 
     # ---- loop --------------------------------------------------------------------------------
     writer = MetricWriter(workdir_path / "logs")
@@ -361,13 +376,17 @@ def run(
         loss_key="train/loss",
         norm_key="train/param_norm",
         stop_after_steps=stop_after_steps,
+        log_keys=("train/mse", "train/cos", "train/grad_norm"),
     )
     step = start_step
     with loop:
         while step < total_steps:
             batch = make_global_batch(next(train_iter), mesh, batch_sh)
             step_rng = jax.random.fold_in(jax.random.fold_in(rng, 2), step)
-            state, metrics = jit_step(state, batch, jax.random.key_data(step_rng))
+            rng_bits = jax.device_put(jax.random.key_data(step_rng), train_step.replicated)
+            state, metrics = jit_step(state, batch, rng_bits)
+            if step == start_step:
+                compile_log.report_first_step(started, metrics, logger=log)
             step = loop.stepped(step, metrics)
             if loop.log_due(step):
                 loop.log(step, metrics)

@@ -250,24 +250,6 @@ class TfdsImageSource(grain.sources.RandomAccessDataSource):
         return f"TfdsImageSource(name={self.name!r}, split={self.split!r}, num_records={len(self)})"
 
 
-class _PaddedSource(grain.sources.RandomAccessDataSource):
-    """Appends padding records (index -1, masked out) up to `length`."""
-
-    def __init__(self, source: grain.sources.RandomAccessDataSource, length: int):
-        self._source, self._length = source, length
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if index < len(self._source):
-            return self._source[index]
-        return _record(None, None, "", -1, -1)
-
-    def __repr__(self) -> str:
-        return f"Padded({self._source!r}, length={self._length})"
-
-
 def make_source(config: ml_collections.ConfigDict) -> grain.sources.RandomAccessDataSource:
     """The data source named by `config.source`."""
     if config.source == "folder":
@@ -468,44 +450,214 @@ def make_train_iterator(
     return DataIterator(loader, len(source), per_host), len(source)
 
 
+class DataCountError(RuntimeError):
+    """A pass over the data did not deliver every record exactly once."""
+
+
+class _FinishEval(grain.transforms.Map):
+    """The evaluation element: uint8 image (scaled in the main process), label, index, mask."""
+
+    def __init__(self, counter: _SkipCounter):
+        self.counter = counter
+
+    def map(self, element: dict[str, Any]) -> dict[str, Any]:
+        out = dict(
+            image=element["image"],
+            label=element["label"],
+            index=element["index"],
+            mask=element["ok"],
+            skipped=np.int32(self.counter.pending),
+        )
+        self.counter.pending = 0
+        return out
+
+
+class EvalIterator(Iterator[dict[str, np.ndarray]]):
+    """Exactly `num_batches` per-host batches of exactly `per_host_batch` records, in the order of
+    the source, whatever grain's `worker_count`; the pass is verified when it ends.
+
+    Records travel one at a time from grain's workers and are batched here. (Batching inside
+    the loader batches inside each worker: with 8 workers every batch held 1/8 of the records it
+    should, and a consumer that read `num_batches` batches silently lost half of the data.)
+    When the loader is exhausted, the record indices seen must be exactly this host's block of
+    the (padded) source, each once, or `DataCountError` names what is missing or repeated.
+
+    Batches: `image` [B, H, W, 3] float32 in [-1, 1], `label` [B] int32, `index` [B] int64 (-1 for
+    padding), `mask` [B] bool (False for padding and corrupt images).
+    """
+
+    def __init__(
+        self,
+        loader: grain.DataLoader,
+        num_records: int,
+        per_host_batch: int,
+        num_batches: int,
+        expected_indices: range,
+    ):
+        self._it = iter(loader)
+        self.num_records = num_records
+        self.per_host_batch = per_host_batch
+        self.num_batches = num_batches
+        self.expected_indices = expected_indices
+        self.skipped = 0
+        self._batches = 0
+        self._seen = np.zeros(len(expected_indices), np.int32)
+        self._padding = 0
+        self._done = False
+
+    def __iter__(self) -> EvalIterator:
+        return self
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def _next_element(self) -> dict[str, Any] | None:
+        try:
+            return next(self._it)
+        except StopIteration:
+            return None
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._batches == self.num_batches:
+            if self._next_element() is not None:
+                raise DataCountError(
+                    f"the data loader yields more than {self.num_batches} batches of "
+                    f"{self.per_host_batch} records; expected {len(self.expected_indices)} records"
+                )
+            self._verify()
+            raise StopIteration
+        elements = []
+        while len(elements) < self.per_host_batch:
+            e = self._next_element()
+            if e is None:
+                raise DataCountError(
+                    f"the data loader ended after {self._batches * self.per_host_batch + len(elements)} "
+                    f"of {self.num_batches * self.per_host_batch} records (batch {self._batches + 1} "
+                    f"of {self.num_batches} incomplete)"
+                )
+            elements.append(e)
+        batch = {k: np.stack([e[k] for e in elements]) for k in ("image", "label", "index", "mask")}
+        skipped = int(sum(int(e["skipped"]) for e in elements))
+        self.skipped += skipped
+        _TOTAL_SKIPPED[0] += skipped
+        batch["image"] = to_model_range(batch["image"])
+        batch["image"][~batch["mask"]] = 0.0
+        real = batch["index"] >= 0
+        self._padding += int((~real).sum())
+        pos = batch["index"][real] - self.expected_indices.start
+        if pos.size and (pos.min() < 0 or pos.max() >= len(self.expected_indices)):
+            raise DataCountError(
+                f"record index {int(batch['index'][real][0])} is outside this host's block "
+                f"{self.expected_indices}"
+            )
+        np.add.at(self._seen, pos, 1)
+        self._batches += 1
+        return batch
+
+    def _verify(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        missing = np.flatnonzero(self._seen == 0)
+        repeated = np.flatnonzero(self._seen > 1)
+        if missing.size or repeated.size:
+            start = self.expected_indices.start
+            raise DataCountError(
+                f"the pass over records {self.expected_indices.start}..{self.expected_indices.stop - 1} "
+                f"lost {missing.size} record(s) (e.g. {(missing[:5] + start).tolist()}) and "
+                f"repeated {repeated.size} (e.g. {(repeated[:5] + start).tolist()})"
+            )
+
+    def finish(self) -> None:
+        """Checks that the pass is over and complete (every record of this host's block once)."""
+        try:
+            next(self)
+        except StopIteration:
+            return
+        raise DataCountError(f"the data loader has batches beyond the expected {self.num_batches}")
+
+    @property
+    def records_seen(self) -> int:
+        """Distinct source records delivered so far (corrupt ones included, padding excluded)."""
+        return int(np.count_nonzero(self._seen))
+
+
+class _RecordRange(grain.sources.RandomAccessDataSource):
+    """Records [lo, hi) of `source`, padded (index -1, masked out) past its end."""
+
+    def __init__(self, source: grain.sources.RandomAccessDataSource, lo: int, hi: int):
+        self._source, self._lo, self._hi = source, lo, hi
+
+    def __len__(self) -> int:
+        return self._hi - self._lo
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        i = self._lo + index
+        if i < len(self._source):
+            return self._source[i]
+        return _record(None, None, "", -1, -1)
+
+    def __repr__(self) -> str:
+        return f"RecordRange({self._source!r}, {self._lo}, {self._hi})"
+
+
+def eval_num_batches(num_records: int, global_batch_size: int) -> int:
+    """Batches of one evaluation pass: the source padded to a multiple of the global batch."""
+    return -(-num_records // global_batch_size)
+
+
 def make_eval_iterator(
     config: ml_collections.ConfigDict,
     global_batch_size: int,
     *,
     shard_index: int | None = None,
     shard_count: int | None = None,
-) -> tuple[DataIterator, int]:
+    start_batch: int = 0,
+    source: grain.sources.RandomAccessDataSource | None = None,
+) -> tuple[EvalIterator, int]:
     """One pass over every record in order, no flip, for evaluation and latent extraction.
 
     Keeps every record: the source is padded to a multiple of `global_batch_size`, so all hosts
-    get the same number of full batches (`ceil(num_records / global_batch_size)`); padding and
-    corrupt images have `mask=False` (and `index=-1` for padding). Hosts read contiguous blocks.
+    get the same number of full batches (`eval_num_batches`); padding and corrupt images have
+    `mask=False` (and `index=-1` for padding). Host h reads the contiguous block
+    [h * B_h * n, (h + 1) * B_h * n) of the padded source (B_h: the per-host batch, n: the
+    batches), from its batch `start_batch` on (a resumed extraction). The batches and their
+    order are the same for any `worker_count` (see `EvalIterator`). `source` defaults to
+    `make_source(config)`.
     """
     _check_config(config)
     shard = _shard_options(shard_index, shard_count)
     per_host = _per_host_batch(global_batch_size, shard.shard_count)
-    source = make_source(config)
-    num_batches = -(-len(source) // global_batch_size)
-    padded = _PaddedSource(source, num_batches * global_batch_size)
+    source = make_source(config) if source is None else source
+    num_batches = eval_num_batches(len(source), global_batch_size)
+    if not 0 <= start_batch <= num_batches:
+        raise ValueError(f"start_batch={start_batch} is outside [0, {num_batches}]")
+    block = num_batches * per_host
+    lo = shard.shard_index * block + start_batch * per_host
+    hi = (shard.shard_index + 1) * block
+    view = _RecordRange(source, lo, hi)
+    # This host's block is cut here, so grain sees one shard.
+    whole = grain.sharding.ShardOptions(shard_index=0, shard_count=1, drop_remainder=False)
     sampler = grain.samplers.IndexSampler(
-        num_records=len(padded), shard_options=shard, shuffle=False, num_epochs=1
+        num_records=len(view), shard_options=whole, shuffle=False, num_epochs=1
     )
     counter = _SkipCounter()
-    operations = [
-        _Decode(config.resolution, counter),
-        _Finish(random_flip=False, with_mask=True, counter=counter),
-        grain.transforms.Batch(per_host, drop_remainder=False),
-    ]
+    operations = [_Decode(config.resolution, counter), _FinishEval(counter)]
     _ensure_grain_flags(config.worker_count)
     loader = grain.DataLoader(
-        data_source=padded,
+        data_source=view,
         sampler=sampler,
         operations=operations,
-        shard_options=shard,
+        shard_options=whole,
         worker_count=config.worker_count,
-        worker_buffer_size=config.worker_buffer_size,
+        # Elements, not batches, travel: each worker keeps its share of `worker_buffer_size`
+        # batches in flight.
+        worker_buffer_size=max(config.worker_buffer_size, 1)
+        * max(1, -(-per_host // max(config.worker_count, 1))),
     )
-    return DataIterator(loader, len(source), per_host), len(source)
+    expected = range(min(lo, len(source)), min(hi, len(source)))
+    it = EvalIterator(loader, len(source), per_host, num_batches - start_batch, expected)
+    return it, len(source)
 
 
 # ---------------------------------------------------------------------------------------------

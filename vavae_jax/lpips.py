@@ -333,14 +333,16 @@ def build_lpips(path: str, *, allow_random: bool = False, dtype: str = "float32"
     if path in ("", "random"):
         if not allow_random:
             raise ValueError(
-                f"lpips path {path!r}: give a converted LPIPS .npz (vavae_jax.lpips.convert_lpips), "
-                f"or set allow_random=True for a smoke run with random weights"
+                f"lpips path {path!r}: pass --config.lpips.path=<lpips.npz> (convert it once: "
+                f"python launch/convert.py lpips --vgg=vgg16-397923af.pth --out=lpips.npz), or "
+                f"--config.lpips.allow_random=True for a smoke run with random weights"
             )
         log.warning("LPIPS has RANDOM weights: the perceptual loss is meaningless (smoke run)")
         return LPIPS(dtype, rngs=nnx.Rngs(0))
     if pathlib.Path(path).suffix in (".pth", ".pt"):
         raise ValueError(
-            f"lpips path {path} is a PyTorch file; convert it once with "
-            f"vavae_jax.lpips.convert_lpips(vgg_path, heads_path, out.npz) and pass the .npz"
+            f"lpips path {path} is a PyTorch file; convert it once (python launch/convert.py "
+            f"lpips --vgg=vgg16-397923af.pth [--heads=vgg.pth] --out=lpips.npz) and pass "
+            f"--config.lpips.path=lpips.npz"
         )
     return load_lpips_converted(path, dtype=dtype)

@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import pathlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,12 +30,13 @@ from vavae_jax import foundation
 from vavae_jax import lpips as lpips_lib
 from vavae_jax import model as model_lib
 from vavae_jax.runtime import checkpoint as ckpt_lib
-from vavae_jax.runtime import sharding
+from vavae_jax.runtime import compile_log, sharding
 from vavae_jax.runtime.logging import MetricWriter, image_grid, save_png
 from vavae_jax.runtime.loop import (  # noqa: F401  (re-exported)
     LoopControl,
     TrainingDivergedError,
     check_finite,
+    finished_step,
     progress_bar,
     restore_or_init,
 )
@@ -113,8 +115,9 @@ def build_teacher(tcfg, dtype) -> foundation.DinoV2Teacher:
     presets = {**foundation.PRESETS, **SMOKE_TEACHERS}
     if not tcfg.allow_random:
         raise ValueError(
-            "teacher.path is empty: give a DINOv2 hub id (facebook/dinov2-large) or a local "
-            "transformers directory, or set teacher.allow_random=True for a smoke run"
+            "teacher.path is empty: pass --config.teacher.path=<hub id or folder> (a DINOv2 hub "
+            "id such as facebook/dinov2-large, or a local transformers folder), or "
+            "--config.teacher.allow_random=True for a smoke run with a random teacher"
         )
     if tcfg.preset not in presets:
         raise ValueError(f"teacher.preset={tcfg.preset!r}: expected one of {sorted(presets)}")
@@ -131,13 +134,17 @@ def build_teacher(tcfg, dtype) -> foundation.DinoV2Teacher:
 @functools.cache
 def _random_teacher(cfg: foundation.Dinov2Config, resolution: int) -> foundation.DinoV2Teacher:
     """Smoke-run teachers are frozen and never mutated: build each shape once per process."""
-    model = sharding.jit_init(lambda: foundation.Dinov2Model(cfg, rngs=nnx.Rngs(0)))
+    model = sharding.jit_init(
+        lambda: foundation.Dinov2Model(cfg, rngs=nnx.Rngs(0)), name="init_random_teacher"
+    )
     return foundation.DinoV2Teacher(model, resolution=resolution)
 
 
 @functools.cache
 def _random_lpips(dtype: str) -> lpips_lib.LPIPS:
-    return sharding.jit_init(lambda: lpips_lib.LPIPS(dtype, rngs=nnx.Rngs(0)))
+    return sharding.jit_init(
+        lambda: lpips_lib.LPIPS(dtype, rngs=nnx.Rngs(0)), name="init_random_lpips"
+    )
 
 
 def build_frozen(config, cdt):
@@ -312,6 +319,11 @@ class TrainStep:
             donate_argnums=self.donate_argnums,
         )
 
+    def compile(self):
+        """The step compiled ahead of time from `abstract_args`: needs no array, so it can
+        overlap the state's initialisation. Call it with arrays in exactly these shardings."""
+        return self.jit().lower(*self.abstract_args).compile()
+
     def init_state(self, key: jax.Array) -> dict[str, Any]:
         """The initial state, each array created directly in its sharding."""
         return jax.jit(self.init, out_shardings=self.state_sharding)(key)
@@ -412,7 +424,7 @@ def build_step(config, mesh, lp, teacher) -> TrainStep:
     # bytes the AOT report can count (it sizes arguments by numpy dtype).
     # The mesh is the abstract mesh of the trace, so that the models keep their activations split
     # over the batch (sharding.constrain_batch) instead of letting GSPMD reshard them.
-    def fn(state, frozen, batch, rng_bits, hparams):
+    def vavae_train_step(state, frozen, batch, rng_bits, hparams):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return step_fn(state, frozen, batch, jax.random.wrap_key_data(rng_bits), hparams)
 
@@ -421,7 +433,7 @@ def build_step(config, mesh, lp, teacher) -> TrainStep:
     batch_sh = {"image": sharding.batch_sharding(mesh, 4)}
     hparams = jax.eval_shape(lambda: _hparams(make_schedule(config, 1)[0], 0))
     return TrainStep(
-        fn=fn,
+        fn=vavae_train_step,
         gen_def=nnx.graphdef(gen),
         ae_config=ae_cfg,
         init=init,
@@ -481,6 +493,8 @@ def run(
 ) -> dict[str, Any]:
     """Trains (or resumes) in `workdir`. `stop_after_steps` stops this invocation after that
     many steps exactly as SIGTERM does (checkpoint, then return): preemption on demand."""
+    started = time.perf_counter()
+    compile_log.install()
     mesh = sharding.mesh_from_config(config.mesh)
     validate_config(config, mesh)
     cdt = compute_dtype(config, mesh.devices.flat[0].platform)
@@ -502,10 +516,14 @@ def run(
         total_steps,
         len(stages),
     )
+    if (done := finished_step(workdir_path / "checkpoints", total_steps)) is not None:
+        return {"step": done, "state": None, "workdir": str(workdir_path)}
 
     # ---- the step, its state layout and shardings (shared with build_abstract_step) ---------
-    lp, teacher = build_frozen(config, cdt)
+    with compile_log.phase("frozen networks (LPIPS, teacher) ready", logger=log):
+        lp, teacher = build_frozen(config, cdt)
     train_step = build_step(config, mesh, lp, teacher)
+    compiling = compile_log.InBackground(train_step.compile, "compile-train-step")
     gen_def = train_step.gen_def
     frozen = jax.device_put(frozen_state(lp, teacher), train_step.replicated)
 
@@ -531,7 +549,8 @@ def run(
         config=config,
         workdir=workdir_path,
     )
-    jit_step = train_step.jit()
+    jit_step = compiling.result()
+    replicated = train_step.replicated
 
     # ---- loop --------------------------------------------------------------------------------
     writer = MetricWriter(workdir_path / "logs")
@@ -545,6 +564,7 @@ def run(
         loss_key="train/total_loss",
         norm_key="train/param_norm_g",
         stop_after_steps=stop_after_steps,
+        log_keys=("train/rec_loss", "train/vf_loss", "train/g_loss", "train/disc_loss"),
     )
     grid_batch = None
     stage = None
@@ -565,7 +585,11 @@ def run(
                 grid_batch = batch["image"][: config.num_grid_images]
             hparams = _hparams(stage, step - stage.start)
             step_rng = jax.random.fold_in(jax.random.fold_in(rng, 2), step)
-            state, metrics = jit_step(state, frozen, batch, jax.random.key_data(step_rng), hparams)
+            rng_bits = jax.device_put(jax.random.key_data(step_rng), replicated)
+            hparams = jax.device_put(hparams, replicated)
+            state, metrics = jit_step(state, frozen, batch, rng_bits, hparams)
+            if step == start_step:
+                compile_log.report_first_step(started, metrics, logger=log)
             step = loop.stepped(step, metrics)
             if loop.log_due(step):
                 loop.log(step, metrics, {"train/skipped_images": data_lib.skipped_count()})

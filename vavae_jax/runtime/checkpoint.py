@@ -96,6 +96,40 @@ class Checkpointer:
         step_dir = self.directory / str(step)
         return [p.name for p in step_dir.iterdir() if p.is_dir()] if step_dir.exists() else []
 
+    # -- what a step holds, read without restoring any array (vavae_jax.runtime.resume) --------
+    def state_metadata(self, step: int) -> dict[str, Any]:
+        """{"a/b/c": ArrayMetadata (shape, dtype)} of the `state` item of `step`."""
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            tree = handler.metadata(self.directory / str(step) / "state").tree
+        finally:
+            handler.close()
+        return ocp.tree.to_flat_dict(tree, sep="/")
+
+    def stored_config(self, step: int) -> dict[str, Any] | None:
+        """The `config` item of `step` (a JSON dict), None when the step has none."""
+        if "config" not in self.item_names(step):
+            return None
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+        )
+        return restored["config"]
+
+    def data_state(self, step: int) -> dict[str, Any] | None:
+        """This process's grain iterator state saved at `step` (grain writes one
+        `process_<i>-of-<n>.json` per process), None when the step has no `data` item."""
+        if "data" not in self.item_names(step):
+            return None
+        data_dir = self.directory / str(step) / "data"
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if not (data_dir / name).exists():
+            found = sorted(p.name for p in data_dir.iterdir() if p.name.startswith("process_"))
+            raise FileNotFoundError(
+                f"{data_dir} has no {name} but {found}: the checkpoint was written by another "
+                f"number of processes; resume with that many"
+            )
+        return json.loads((data_dir / name).read_text())
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

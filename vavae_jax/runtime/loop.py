@@ -3,16 +3,19 @@ one step late, the progress bar, and the logging / sample-grid / checkpoint cade
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import logging
 import math
-import pathlib
 import signal
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 
 from vavae_jax.runtime import checkpoint as ckpt_lib
+from vavae_jax.runtime import resume
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +45,59 @@ def check_finite(pending, last_good, ckpt, *, loss_key: str, norm_key: str) -> N
 
 def restore_or_init(ckpt, abstract_state, init, *, data_iterator, config, workdir) -> tuple:
     """(state, start_step): the latest checkpoint of `ckpt` restored into `abstract_state`
-    (with the data iterator's position), or `init()` for a new run, whose `config.json` process
-    0 writes into `workdir` (every process saves checkpoints)."""
-    if ckpt.latest_step() is not None:
-        state = ckpt.restore(None, abstract_state, data_iterator=data_iterator)["state"]
+    (with the data iterator's position), or `init()` for a new run (every process saves
+    checkpoints). Before a restore, `resume.check_resume` refuses a config whose architecture
+    or data pipeline differs from the checkpoint's (`ResumeConfigError`; `ckpt` is closed);
+    other changes are logged. Process 0 keeps `config.json` (the config in force) and
+    `config_history.jsonl` in `workdir` (see vavae_jax.runtime.resume)."""
+    latest = ckpt.latest_step()
+    if latest is not None:
+        try:
+            changes = resume.check_resume(
+                ckpt, latest, abstract_state, config, data_iterator=data_iterator, workdir=workdir
+            )
+        except resume.ResumeConfigError:
+            ckpt.close()
+            raise
+        state = ckpt.restore(latest, abstract_state, data_iterator=data_iterator)["state"]
         start_step = int(state["step"])
         log.info("resumed from step %d in %s", start_step, ckpt.directory)
+        resume.record_resume(workdir, config, start_step, changes)
         return state, start_step
     state = init()
-    if jax.process_index() == 0:
-        ckpt_lib.save_json(pathlib.Path(workdir) / "config.json", config.to_dict())
+    resume.record_start(workdir, config)
     return state, 0
+
+
+def finished_step(ckpt_dir, total_steps: int) -> int | None:
+    """The latest checkpoint step in `ckpt_dir` when it has reached `total_steps` (the run is
+    complete: says so and how to extend it), else None. Read before anything is built, so that
+    re-running a finished run costs seconds and writes nothing (no new TensorBoard file)."""
+    directory = ckpt_lib.as_path(ckpt_dir)
+    if not directory.exists():
+        return None
+    ckpt = ckpt_lib.Checkpointer(directory, async_save=False)
+    try:
+        latest = ckpt.latest_step()
+    finally:
+        ckpt.close()
+    if latest is None or latest < total_steps:
+        return None
+    if jax.process_index() == 0:
+        log.info(
+            "run complete: step %d of total_steps=%d is already checkpointed in %s; nothing to "
+            "train. To train further, rerun the same command with --config.total_steps=<more "
+            "than %d>",
+            latest,
+            total_steps,
+            directory,
+            latest,
+        )
+    return latest
+
+
+def _duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
 
 
 def progress_bar(enabled: bool, start: int, total: int, desc: str):
@@ -85,7 +130,11 @@ class LoopControl:
     - `config` gives `log_every_steps`, `image_every_steps`, `checkpoint_every_steps`,
       `global_batch_size`, `optim.lr` and `progress_bar`; the last step always logs, writes a
       grid and saves.
-    - On exit the checkpointer (waiting for saves in flight), the writer and the bar are closed.
+    - Each log also prints one plain line on process 0 through Python logging (step, the
+      `log_keys` metrics, images/s, ETA) for runs that nobody watches; while a bar is shown,
+      log records go through tqdm.write so that they do not garble it.
+    - On exit the checkpointer (waiting for saves in flight), the writer and the bar are closed;
+      a run that reached `total_steps` logs one completion line.
     """
 
     def __init__(
@@ -100,30 +149,58 @@ class LoopControl:
         loss_key: str,
         norm_key: str,
         stop_after_steps: int | None = None,
+        log_keys: Sequence[str] = (),
     ):
         self.config, self.ckpt, self.writer = config, ckpt, writer
         self.start_step, self.total_steps = start_step, total_steps
         self.loss_key, self.norm_key = loss_key, norm_key
+        # The plain log line's metrics: the loss first, then the trainer's other key terms.
+        self.log_keys = (loss_key, *(k for k in log_keys if k != loss_key))
         self.stop_after_steps = stop_after_steps
         self.signal: int | None = None
         self.last_good = ckpt.latest_step()
         self.pending = None  # (step, metrics) of the previous step, checked one step late
         self.pbar = progress_bar(config.progress_bar, start_step, total_steps, desc)
         self._t0, self._steps_since = time.perf_counter(), 0
+        self._started = self._t0
+        self._rate_t0 = None  # (time, step) after the first step: ETA without the compile
+        self.step = start_step
         self._old_handler = None
+        self._redirect = contextlib.ExitStack()
 
     def __enter__(self) -> LoopControl:
         self._old_handler = signal.signal(signal.SIGTERM, self._on_signal)
+        if self.pbar is not None:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self._redirect.enter_context(logging_redirect_tqdm())
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         try:
             self.ckpt.close()
             self.writer.close()
             if self.pbar is not None:
                 self.pbar.close()
         finally:
+            self._redirect.close()
             signal.signal(signal.SIGTERM, self._old_handler)
+        if exc_type is None and self.step >= self.total_steps > self.start_step:
+            self._log_completion()
+
+    def _log_completion(self) -> None:
+        if jax.process_index() != 0:
+            return
+        logdir = getattr(self.writer, "logdir", None)
+        log.info(
+            "training complete: step %d/%d (%d steps in %s); checkpoints in %s%s",
+            self.step,
+            self.total_steps,
+            self.step - self.start_step,
+            _duration(time.perf_counter() - self._started),
+            self.ckpt.directory,
+            f"; logs: tensorboard --logdir {logdir}" if logdir is not None else "",
+        )
 
     def _on_signal(self, signum, _frame) -> None:
         self.signal = signum
@@ -144,7 +221,10 @@ class LoopControl:
         self._check()  # the previous step's metrics: they are ready by now
         self.pending = (step, metrics)
         step += 1
+        self.step = step
         self._steps_since += 1
+        if self._rate_t0 is None:
+            self._rate_t0 = (time.perf_counter(), step)
         if self.pbar is not None:
             self.pbar.update(1)
         if self.stop_after_steps is not None and step - self.start_step >= self.stop_after_steps:
@@ -175,8 +255,23 @@ class LoopControl:
             self.pbar.set_postfix(
                 loss=f"{m[self.loss_key]:.4f}", img_s=f"{m['train/images_per_s']:.1f}"
             )
+        if jax.process_index() == 0:
+            log.info("%s", self.log_line(step, m))
         self._t0, self._steps_since = time.perf_counter(), 0
         return m
+
+    def log_line(self, step: int, m: dict[str, Any]) -> str:
+        """`step 40/80 (50%) | total_loss 0.4321 rec_loss 0.1234 | 12.3 img/s | ETA 0:01:05`."""
+        terms = " ".join(
+            f"{k.removeprefix('train/')} {float(m[k]):.4g}" for k in self.log_keys if k in m
+        )
+        parts = [f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%)", terms]
+        parts.append(f"{m['train/images_per_s']:.1f} img/s")
+        t_first, s_first = self._rate_t0 or (None, step)
+        if step > s_first and step < self.total_steps:
+            rate = (step - s_first) / (time.perf_counter() - t_first)
+            parts.append(f"ETA {_duration((self.total_steps - step) / rate)}")
+        return " | ".join(p for p in parts if p)
 
     def save(self, step: int, state, **kwargs) -> None:
         """Checks the last metrics, then saves `state` at `step` (kwargs: the checkpointer's)."""

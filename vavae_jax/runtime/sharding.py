@@ -171,9 +171,26 @@ def optimizer_init_sharded(tx, params: Any, mesh: Mesh):
     return jax.jit(tx.init, out_shardings=shardings)(params)
 
 
-def jit_init(constructor: Callable[[], M]) -> M:
-    """Builds `constructor()` with its initialisation compiled as one program. Eager random init
-    dispatches one small XLA program per weight shape, which costs seconds on CPU."""
+def jit_init(constructor: Callable[[], M], *, name: str = "init") -> M:
+    """Builds `constructor()` with its initialisation compiled as one program for the host CPU,
+    then moves the state to the default device (for frozen networks with random weights).
+
+    Eager random init dispatches one small XLA program per weight shape, which costs seconds on
+    CPU. The one-program init must not be compiled for a GPU: there XLA fuses the random-number
+    generation of every weight into kernels that kept ptxas busy for more than 6 minutes for
+    the DINOv2-large teacher (the main job never reached its first step; BENCHMARKS.md). On the
+    host CPU the same program compiles in seconds.
+    """
     graphdef = nnx.graphdef(nnx.eval_shape(constructor))
-    state = jax.jit(lambda: nnx.state(constructor()))()
+
+    def init():
+        return nnx.state(constructor())
+
+    init.__name__ = init.__qualname__ = name
+    cpu = jax.local_devices(backend="cpu")[0]
+    with jax.default_device(cpu):
+        state = jax.jit(init)()
+    target = jax.local_devices()[0]
+    if target.platform != "cpu":
+        state = jax.device_put(state, target)
     return nnx.merge(graphdef, state)

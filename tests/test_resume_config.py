@@ -1,0 +1,157 @@
+"""Resuming with a changed config (vavae_jax.runtime.resume), both trainers: an architecture or
+data-pipeline change is one `ResumeConfigError` raised before any Orbax restore (no traceback
+spam from Orbax's threads); any other change is logged old -> new, appended to
+config_history.jsonl and written to config.json."""
+
+import json
+import logging
+import shutil
+
+import pytest
+
+from lightningdit_jax import train as dit_train
+from tests.test_lightningdit_train import tiny_config as dit_tiny_config
+from tests.test_lightningdit_train import write_latents
+from tests.test_vavae_train import tiny_config as vae_tiny_config
+from vavae_jax import train as vae_train
+from vavae_jax.runtime import resume
+
+ORBAX_SPAM = "Event loop is closed"
+
+
+def _vae_config(sample_images_dir, **overrides):
+    """tests/test_vavae_train.py's tiny config without the teacher and attention (a cheaper
+    compile), one step per checkpoint."""
+    base = {"use_vf": False, "model.attn_resolutions": (), "loss.disc_num_layers": 1}
+    base.update(total_steps=1, checkpoint_every_steps=1, image_every_steps=1)
+    return vae_tiny_config(sample_images_dir, **{**base, **overrides})
+
+
+def _dit_config(data_dir, **overrides):
+    c = dit_tiny_config(data_dir)
+    c.total_steps = 1
+    c.checkpoint_every_steps = 1
+    c.image_every_steps = 1
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def vae_run(sample_images_dir, tmp_path_factory):
+    """A VA-VAE workdir checkpointed at step 1, and the config builder."""
+    workdir = tmp_path_factory.mktemp("vae") / "run"
+    vae_train.run(_vae_config(sample_images_dir), str(workdir))
+    return workdir, lambda **o: _vae_config(sample_images_dir, **o)
+
+
+@pytest.fixture(scope="module")
+def dit_run(tmp_path_factory):
+    """A LightningDiT workdir checkpointed at step 1, and the config builder."""
+    root = tmp_path_factory.mktemp("dit")
+    write_latents(root / "latents")
+    dit_train.run(_dit_config(root / "latents"), str(root / "run"))
+    return root / "run", lambda **o: _dit_config(root / "latents", **o)
+
+
+TRAINERS = {"vavae": (vae_train, "vae_run"), "lightningdit": (dit_train, "dit_run")}
+
+
+def _copy(run, tmp_path):
+    workdir, make_config = run
+    shutil.copytree(workdir, tmp_path / "run")
+    return tmp_path / "run", make_config
+
+
+def _history(workdir):
+    return [json.loads(line) for line in (workdir / resume.HISTORY_FILE).read_text().splitlines()]
+
+
+def _config_json(workdir):
+    return json.loads((workdir / "config.json").read_text())
+
+
+# ---- refused: the architecture ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    "trainer, field, old, new",
+    [
+        # a listed architecture field: the autoencoder's width
+        ("vavae", "model.ch", 32, 64),
+        # not listed (a dropout probability), yet 0 removes the null-label row: the state says so
+        ("lightningdit", "model.class_dropout_prob", 0.1, 0.0),
+    ],
+)
+def test_architecture_change_is_one_clear_error(
+    trainer, field, old, new, request, tmp_path, caplog, capfd
+):
+    module, fixture = TRAINERS[trainer]
+    workdir, make_config = _copy(request.getfixturevalue(fixture), tmp_path)
+    before = (workdir / "config.json").read_text(), _history(workdir)
+    caplog.set_level(logging.INFO)
+    with pytest.raises(resume.ResumeConfigError) as err:
+        module.run(make_config(**{field: new, "total_steps": 2}), str(workdir))
+    msg = str(err.value)
+    assert f"{field}: {old} -> {new}" in msg, msg
+    assert "new --workdir" in msg and "strict" not in msg, msg
+    assert len(msg.splitlines()) <= 10, msg
+    captured = capfd.readouterr()
+    assert ORBAX_SPAM not in captured.out + captured.err + caplog.text
+    assert "Traceback" not in captured.err + caplog.text
+    # Nothing recorded for a refused invocation.
+    assert ((workdir / "config.json").read_text(), _history(workdir)) == before
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+
+
+def test_data_pipeline_change_grain_cannot_restore_is_one_clear_error(
+    dit_run, tmp_path, caplog, capfd
+):
+    # The LightningDiT sampler's per-host batch is part of grain's iterator state.
+    workdir, make_config = _copy(dit_run, tmp_path)
+    with pytest.raises(resume.ResumeConfigError) as err:
+        dit_train.run(make_config(global_batch_size=16, total_steps=2), str(workdir))
+    msg = str(err.value)
+    assert "global_batch_size: 8 -> 16" in msg and "grain" in msg and "new --workdir" in msg
+    captured = capfd.readouterr()
+    assert ORBAX_SPAM not in captured.out + captured.err + caplog.text
+
+
+# ---- accepted: logged and recorded -----------------------------------------------------------
+@pytest.mark.parametrize("trainer", ["vavae", "lightningdit"])
+def test_lr_change_is_logged_recorded_and_in_config_json(trainer, request, tmp_path, caplog):
+    module, fixture = TRAINERS[trainer]
+    workdir, make_config = _copy(request.getfixturevalue(fixture), tmp_path)
+    first = _history(workdir)
+    assert len(first) == 1 and first[0]["step"] == 0
+    old_lr = first[0]["config"]["optim"]["lr"]
+    assert _config_json(workdir) == first[0]["config"]
+    caplog.set_level(logging.INFO)
+    result = module.run(make_config(**{"optim.lr": 0.01, "total_steps": 2}), str(workdir))
+    assert result["step"] == 2
+    logged = [r.getMessage() for r in caplog.records if r.name == resume.__name__]
+    assert f"  optim.lr: {old_lr} -> 0.01" in logged, logged
+    assert "  total_steps: 1 -> 2" in logged, logged
+    history = _history(workdir)
+    assert len(history) == 2 and history[1]["step"] == 1
+    assert history[1]["changes"] == {"optim.lr": [old_lr, 0.01], "total_steps": [1, 2]}
+    assert _config_json(workdir)["optim"]["lr"] == 0.01
+    assert _config_json(workdir)["total_steps"] == 2
+
+
+# ---- the field classification and the diff ----------------------------------------------------
+def test_config_diff_and_architecture_fields():
+    old = {"model": {"ch": 32, "ch_mult": [1, 2]}, "optim": {"lr": 1e-4}, "seed": 0}
+    new = {"model": {"ch": 32, "ch_mult": [1, 2, 2]}, "optim": {"lr": 1e-3}, "trainer": "x"}
+    assert resume.config_diff(old, new) == {
+        "model.ch_mult": ([1, 2], [1, 2, 2]),
+        "optim.lr": (1e-4, 1e-3),
+        "seed": (0, resume.ABSENT),
+        "trainer": (resume.ABSENT, "x"),
+    }
+    for field in ("model.ch", "model.preset", "ema.enabled", "use_vf", "loss.disc_ndf"):
+        assert resume.is_architecture(field), field
+    for field in ("model.remat_policy", "model.scan_layers", "optim.lr", "total_steps"):
+        assert not resume.is_architecture(field), field
