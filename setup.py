@@ -45,6 +45,8 @@ setup(
             *TORCH,
         ],
         "gpu": ["jax[cuda13]>=0.10.2"],
+        # The viewer of the event files the trainers write (tensorboardX writes them without it).
+        "tensorboard": ["tensorboard>=2.16"],
         "tpu": ["jax[tpu]>=0.10.2", "etils[epath,epath-gcs]>=1.15", "google-cloud-storage>=2.0"],
     },
 )

@@ -8,7 +8,11 @@ Variants (comma-separated after a colon; `small` may be combined with any):
   configs/lightningdit_xl_vavae_f16d32.py          XL/1, 80k steps at batch 1024 (64 epochs)
   configs/lightningdit_xl_vavae_f16d32.py:B/1      any preset of lightningdit_jax.model.PRESETS
   configs/lightningdit_xl_vavae_f16d32.py:800ep    the 800-epoch run (1M steps; sample cfg 6.7)
-  configs/lightningdit_xl_vavae_f16d32.py:small    a tiny model at CPU size
+  configs/lightningdit_xl_vavae_f16d32.py:small    CPU size: the `tiny/2` preset on the latents of
+                                                   configs/vavae_f16d32.py:small (16x16x32, 1000
+                                                   classes), batch 16, few steps
+  configs/lightningdit_xl_vavae_f16d32.py:B/2,small  an explicit preset is kept: `small` then
+                                                   shrinks only the schedule (batch, steps, logging)
 Every field can be overridden with --config.a.b=value; mistyped names fail (lock_config=True).
 Memory per device of the real step on a target, from shapes only (no data, no accelerator):
   python launch/compile_check.py --config=configs/lightningdit_xl_vavae_f16d32.py \
@@ -21,15 +25,18 @@ from __future__ import annotations
 import ml_collections
 
 
-def _parse(arg: str | None) -> tuple[str, dict[str, bool]]:
+def _parse(arg: str | None) -> tuple[str | None, dict[str, bool]]:
+    """(the preset named in `arg`, None when none is; the flags)."""
     from lightningdit_jax.model import PRESETS
 
     flags = {"800ep": False, "small": False}
-    model = "XL/1"
+    model = None
     for part in filter(None, (arg or "").split(",")):
         if part in flags:
             flags[part] = True
         elif part in PRESETS:
+            if model is not None:
+                raise ValueError(f"two model presets in {arg!r}: {model!r} and {part!r}")
             model = part
         else:
             raise ValueError(
@@ -49,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # --- the model (reference model: section; the switches are the preset's) --------------------
     c.model = ml_collections.ConfigDict(
         dict(
-            preset=model,  # reference model_type LightningDiT-XL/1
+            preset=model or "XL/1",  # reference model_type LightningDiT-XL/1
             class_dropout_prob=0.1,  # label dropout for classifier-free guidance
             # 128 images per GPU (batch 1024 on 8 GPUs) needs remat on an 80 GB GPU: 42.9 GiB per
             # GPU with dots_no_batch, 119.5 GiB without (scanned blocks; BENCHMARKS.md).
@@ -127,13 +134,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.progress_bar = True
 
     if v["small"]:
-        _shrink(c)
+        _shrink(c, keep_preset=model is not None)
     return c
 
 
-def _shrink(c: ml_collections.ConfigDict) -> None:
-    """The same job at CPU size: the tiny preset (8x8x8 latents, 10 classes)."""
-    c.model.preset = "tiny"
+def _shrink(c: ml_collections.ConfigDict, *, keep_preset: bool) -> None:
+    """The same job at CPU size. Without an explicit preset the model is `tiny/2`, which fits
+    the latents of configs/vavae_f16d32.py:small (16x16x32, 1000 classes); an explicit one
+    (`:B/2,small`, `:tiny,small` for 8x8x8 latents) is never replaced: only the schedule,
+    batch and logging shrink."""
+    if not keep_preset:
+        c.model.preset = "tiny/2"
     c.global_batch_size = 16
     c.total_steps = 200
     c.data.worker_count = 0

@@ -190,7 +190,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def _shrink(c: ml_collections.ConfigDict) -> None:
     """The same job at CPU size: an f4 tiny VAE at 64 px (16x16 latents, like f16 at 256),
     a 2-layer DINOv2-shaped teacher and LPIPS with random weights, on the bundled sample images.
-    (XLA's CPU convolutions are slow: 64 px keeps a step at a few seconds on 2 cores.)"""
+    (XLA's CPU convolutions are slow: 64 px keeps a step at a few seconds on 2 cores.)
+    The variants name losses and schedules, never an architecture, so `small` replaces no model
+    the user chose; its latents (16x16x32) are what LightningDiT's `small` (`tiny/2`) expects."""
     c.model.update(
         dict(
             ch=32,

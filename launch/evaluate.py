@@ -15,11 +15,14 @@ Samples (ADM `.npz`, uint8 `arr_0` [N, H, W, 3]) against a reference batch or it
   python launch/evaluate.py --samples=samples.npz --ref=VIRTUAL_imagenet256_labeled.npz \\
       --inception=inception.npz
 
---tokenizer is an export directory (launch/convert.py vavae) or an official VA-VAE .pt (then
---preset names its architecture). --inception is our .npz (launch/convert.py inception) or
-pytorch-fid's .pth (needs torch). With random-weight Inception or LPIPS (only for tests) the
-numbers are a smoke test, not metrics. The results are printed as JSON (and written to
---output).
+--tokenizer is an export directory (launch/convert.py vavae), a VA-VAE trainer workdir or an
+official VA-VAE .pt (then --preset names its architecture). --inception is our .npz
+(launch/convert.py inception) or pytorch-fid's .pth (needs torch), or `random` for an offline
+smoke test: a random-weight Inception, logged as a WARNING and labelled in the JSON
+("inception": "RANDOM WEIGHTS: numbers are meaningless"). With random-weight Inception or LPIPS
+the numbers are a smoke test, not metrics. --ref may also be a folder of images
+(<root>/<class>/<image>, center-cropped to the samples' size). The results are printed as JSON
+(and written to --output).
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import pathlib
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -69,13 +74,77 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="posterior sampling seed")
     s = p.add_argument_group("sample evaluation")
     s.add_argument("--samples", default=None, help="ADM-format .npz of generated images")
-    s.add_argument("--ref", default=None, help="reference batch, e.g. VIRTUAL_imagenet256_labeled")
+    s.add_argument(
+        "--ref", default=None, help="reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) or "
+        "an image folder <root>/<class>/<image> (--data.max_records limits it)"
+    )  # fmt: skip
     s.add_argument("--num_splits", type=int, default=10, help="Inception Score splits (ADM: 10)")
-    p.add_argument("--inception", default=None, help="FID Inception: our .npz or pytorch-fid .pth")
-    p.add_argument("--inception_batch_size", type=int, default=100)
+    p.add_argument(
+        "--inception", default=None, help="FID Inception: our .npz, pytorch-fid .pth, or "
+        "'random' (random weights: a smoke test of the code path, the numbers mean nothing)"
+    )  # fmt: skip
+    p.add_argument(
+        "--inception_batch_size", type=int, default=100, help="at most this many images per "
+        "Inception call (fewer when there are fewer images: no padding to a large batch)"
+    )  # fmt: skip
     p.add_argument("--output", default=None, help="write the JSON results here too")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
+
+
+def _load_inception(path: str):
+    """(FIDInceptionV3, its label for the JSON): a weights file, or random weights (loudly)."""
+    from vavae_jax import metrics
+    from vavae_jax.metrics import inception
+
+    if path == inception.RANDOM:
+        log.warning(
+            "--inception=random: the FID Inception has RANDOM weights; FID, rFID and IS are "
+            "MEANINGLESS (a smoke test of the code path only)"
+        )
+        return metrics.random_inception(), inception.RANDOM_LABEL
+    return metrics.load_inception(path), str(path)
+
+
+def _inception_batch(num_images: int, cap: int) -> int:
+    """The Inception batch for `num_images`: at most `cap`, as few batches as `cap` allows, split
+    evenly. One compiled shape, and the padded last batch wastes less than one image per batch
+    (a fixed batch of 100 made 8 tokenizer images cost 100 Inception passes)."""
+    if cap <= 0:
+        raise ValueError(f"--inception_batch_size={cap}: must be positive")
+    num_batches = max(1, -(-num_images // cap))
+    return max(1, -(-num_images // num_batches))
+
+
+class _FullBatches:
+    """Collects uint8 images and embeds them only in full Inception batches (the rest at
+    `finish`), so that small, masked data batches never pay for a padded Inception batch."""
+
+    def __init__(self, extractor):
+        self.extractor, self.pending, self.features = extractor, [], []
+
+    def add(self, images) -> None:
+        self.pending.append(images)
+        if sum(len(x) for x in self.pending) >= self.extractor.batch_size:
+            self._flush(final=False)
+
+    def _flush(self, *, final: bool) -> None:
+        import numpy as np
+
+        if not self.pending:
+            return
+        images = np.concatenate(self.pending)
+        bs = self.extractor.batch_size
+        full = len(images) if final else len(images) // bs * bs
+        if full:
+            self.features.append(self.extractor(images[:full])[0])
+        self.pending = [images[full:]] if full < len(images) else []
+
+    def finish(self):
+        import numpy as np
+
+        self._flush(final=True)
+        return np.concatenate(self.features)
 
 
 def _data_config(args):
@@ -124,12 +193,7 @@ def evaluate_tokenizer(args) -> dict:
         log.info("LPIPS: the weights stored with the tokenizer export")
     else:
         log.warning("no --lpips and none in the tokenizer export: LPIPS is not reported")
-    extractor = None
-    if args.inception:
-        extractor = metrics.FeatureExtractor(
-            metrics.load_inception(args.inception), batch_size=args.inception_batch_size
-        )
-    else:
+    if not args.inception:
         log.warning("no --inception: rFID is not reported")
 
     ae_def, ae_state = nnx.split(model)
@@ -153,8 +217,14 @@ def evaluate_tokenizer(args) -> dict:
         return out
 
     it, n = data.make_eval_iterator(_data_config(args), args.batch_size)
+    extractor = inception_label = None
+    if args.inception:
+        inception_model, inception_label = _load_inception(args.inception)
+        extractor = metrics.FeatureExtractor(
+            inception_model, batch_size=_inception_batch(n, args.inception_batch_size)
+        )
+        feats_orig, feats_rec = _FullBatches(extractor), _FullBatches(extractor)
     per_image = {"psnr": [], "ssim": [], "lpips": []}
-    feats_orig, feats_rec = [], []
     key = jax.random.key(args.seed)
     start = time.time()
     bar = tqdm(total=n, unit="img", disable=args.no_progress, desc="tokenizer")
@@ -166,8 +236,8 @@ def evaluate_tokenizer(args) -> dict:
         for name, v in values.items():
             per_image[name].append(np.asarray(v)[mask])
         if extractor is not None and mask.any():
-            feats_orig.append(extractor(np.asarray(metrics.to_uint8(images))[mask])[0])
-            feats_rec.append(extractor(np.asarray(metrics.to_uint8(rec))[mask])[0])
+            feats_orig.add(np.asarray(metrics.to_uint8(images))[mask])
+            feats_rec.add(np.asarray(metrics.to_uint8(rec))[mask])
         bar.update(int(mask.sum()))
     bar.close()
     count = int(sum(len(v) for v in per_image["psnr"]))
@@ -186,9 +256,10 @@ def evaluate_tokenizer(args) -> dict:
     if extractor is not None:
         if count < 2:
             raise ValueError("rFID needs at least 2 images")
-        mu1, s1 = metrics.feature_statistics(np.concatenate(feats_orig))
-        mu2, s2 = metrics.feature_statistics(np.concatenate(feats_rec))
+        mu1, s1 = metrics.feature_statistics(feats_orig.finish())
+        mu2, s2 = metrics.feature_statistics(feats_rec.finish())
         result["rfid"] = metrics.frechet_distance(mu1, s1, mu2, s2)
+        result["inception"] = inception_label
         if args.ref_stats:
             ref_mu, ref_sigma = metrics.reference_statistics(args.ref_stats, extractor)
             result["fid_vs_ref_stats"] = metrics.frechet_distance(mu2, s2, ref_mu, ref_sigma)
@@ -197,20 +268,45 @@ def evaluate_tokenizer(args) -> dict:
 
 
 def evaluate_samples(args) -> dict:
+    import numpy as np
+
     from vavae_jax import metrics
 
     if not args.ref or not args.inception:
-        raise ValueError("--samples needs --ref=<reference batch .npz> and --inception=<weights>")
-    inception = metrics.load_inception(args.inception)
+        raise ValueError(
+            "--samples needs --ref=<reference batch .npz or image folder> and "
+            "--inception=<weights, or 'random' for a smoke test>"
+        )
+    inception, label = _load_inception(args.inception)
     start = time.time()
-    result = metrics.compute_fid_from_npz(
-        args.samples,
-        args.ref,
-        inception,
-        batch_size=args.inception_batch_size,
-        num_splits=args.num_splits,
+    (num_samples, size, *_), _ = metrics.fid.npz_image_info(args.samples)
+    num_ref = 0
+    if pathlib.Path(args.ref).is_dir():
+        from vavae_jax import data
+
+        cfg = _data_config(args)
+        cfg.source, cfg.root, cfg.resolution = "folder", args.ref, size
+        ref_it, num_ref = data.make_eval_iterator(cfg, args.batch_size)
+    extractor = metrics.FeatureExtractor(
+        inception, batch_size=_inception_batch(max(num_samples, num_ref), args.inception_batch_size)
     )
-    result.update(samples=args.samples, ref=args.ref, seconds=round(time.time() - start, 2))
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = args.ref
+        if num_ref:  # the folder's statistics, stored as a reference batch's mu / sigma
+            feats = _FullBatches(extractor)
+            for batch in ref_it:
+                mask = np.asarray(batch["mask"], bool)
+                if mask.any():
+                    feats.add(np.asarray(metrics.to_uint8(batch["image"]))[mask])
+            pool = feats.finish()
+            ref = os.path.join(tmp, "ref_stats.npz")
+            metrics.save_statistics(ref, *metrics.feature_statistics(pool))
+            log.info("reference: %d images of %s at %d px", len(pool), args.ref, size)
+        result = metrics.compute_fid_from_npz(
+            args.samples, ref, extractor, num_splits=args.num_splits
+        )
+    result.update(samples=args.samples, ref=args.ref, inception=label)
+    result["seconds"] = round(time.time() - start, 2)
     return result
 
 

@@ -70,6 +70,14 @@ def check_workdir(workdir: str) -> None:
                 f"--workdir={workdir} has no {name}: not a LightningDiT run directory "
                 f"(launch/train.py --config=configs/lightningdit_xl_vavae_f16d32.py writes one)"
             )
+    trainer = json.loads((path / "config.json").read_text()).get("trainer")
+    if trainer == "vavae":
+        raise ValueError(
+            f"--workdir={workdir} is a VA-VAE (tokenizer) run, not a LightningDiT one: pass "
+            f"--workdir=<a LightningDiT run folder> (launch/train.py "
+            f"--config=configs/lightningdit_xl_vavae_f16d32.py writes one); a VA-VAE run folder "
+            f"goes to --tokenizer of launch/extract_latents.py and launch/evaluate.py"
+        )
 
 
 def latent_stats(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, float] | None:

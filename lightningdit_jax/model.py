@@ -177,6 +177,11 @@ PRESETS["tiny"] = LightningDiTConfig(
     num_classes=10,
     **{k: v for k, v in _PAPER.items() if k not in ("input_size", "in_channels")},
 )
+# The tiny width on the latents of the small VA-VAE (configs/vavae_f16d32.py:small: 16x16x32 of
+# 64 px images, f4) and ImageNet's 1000 classes: the CPU generation chain of the README.
+PRESETS["tiny/2"] = LightningDiTConfig(
+    hidden_size=64, depth=2, num_heads=4, patch_size=2, num_classes=1000, **_PAPER
+)
 
 
 class Buffer(nnx.Variable):

@@ -238,7 +238,6 @@ def test_sample_images_to_fid(sample_images_dir, tmp_path):
             f"--max_records={NUM_IMAGES}",
             f"--resolution={RESOLUTION}",
             "--batch_size=8",
-            "--worker_count=0",
             f"--out_dir={latents_dir}",
         ).wait()
         index = latent_data.load_index(str(latents_dir))
@@ -267,7 +266,7 @@ def test_sample_images_to_fid(sample_images_dir, tmp_path):
         start(
             "dit_train",
             "train.py",
-            "--config=configs/lightningdit_xl_vavae_f16d32.py:small",
+            "--config=configs/lightningdit_xl_vavae_f16d32.py:tiny,small",  # 8x8x8 latents
             f"--workdir={dit_dir}",
             f"--config.data.data_dir={latents_dir}",
             f"--config.tokenizer.path={vae_dir}",

@@ -40,7 +40,7 @@ def write_latents(directory, n=32, shape=(8, 8, 8), num_classes=10, seed=0):
 def tiny_config(data_dir):
     import lightningdit_xl_vavae_f16d32 as cfg_mod
 
-    c = cfg_mod.get_config("small")
+    c = cfg_mod.get_config("tiny,small")  # the 8x8x8 latents of write_latents
     c.data.data_dir = str(data_dir)
     c.global_batch_size = 8
     c.total_steps = 4

@@ -86,7 +86,7 @@ def _command(data_dir, workdir, *extra) -> list[str]:
     return [
         sys.executable,
         str(ROOT / "launch" / "train.py"),
-        "--config=configs/lightningdit_xl_vavae_f16d32.py:small",
+        "--config=configs/lightningdit_xl_vavae_f16d32.py:tiny,small",  # 8x8x8 latents
         f"--workdir={workdir}",
         f"--config.data.data_dir={data_dir}",
         "--config.global_batch_size=8",

@@ -24,6 +24,7 @@ from vavae_jax.metrics.inception import (
     InceptionConfig,
     from_torch_state_dict,
     load_inception,
+    random_inception,
     resize_bilinear_torch,
     save_inception,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "load_inception",
     "load_statistics",
     "psnr",
+    "random_inception",
     "reference_statistics",
     "resize_bilinear_torch",
     "save_inception",

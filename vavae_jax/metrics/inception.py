@@ -592,6 +592,16 @@ def _load_npz(path: pathlib.Path, config: InceptionConfig | None) -> FIDInceptio
     return _to_device(model)
 
 
+RANDOM = "random"
+RANDOM_LABEL = "RANDOM WEIGHTS: numbers are meaningless"
+
+
+def random_inception(seed: int = 0, config: InceptionConfig = InceptionConfig()) -> FIDInceptionV3:
+    """The FID network with He-normal random weights, on device: for offline smoke tests only.
+    FID and IS computed with it run the real code path but measure nothing."""
+    return _to_device(FIDInceptionV3(config, seed=seed))
+
+
 def load_inception(
     path: str | pathlib.Path, config: InceptionConfig | None = None
 ) -> FIDInceptionV3:
