@@ -59,10 +59,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             preset=model or "XL/1",  # reference model_type LightningDiT-XL/1
             class_dropout_prob=0.1,  # label dropout for classifier-free guidance
             # 128 images per GPU (batch 1024 on 8 GPUs) needs remat on an 80 GB GPU: 42.9 GiB per
-            # GPU with dots_no_batch, 119.5 GiB without (scanned blocks; BENCHMARKS.md).
+            # GPU with dots_no_batch, 119.5 GiB without (scanned blocks; docs/bench/JOURNAL.md).
             remat_policy="dots_no_batch",
             scan_unroll=1,
-            # False: the blocks in a Python loop (+14% XL/1 training on an H100, BENCHMARKS.md;
+            # False: the blocks in a Python loop (+14% XL/1 training on an H100, docs/bench/JOURNAL.md;
             # about twice the compile time); True: one scanned block (fastest compile).
             scan_layers=False,
             # "auto": cuDNN's flash kernel on GPU in bf16 (+31% on the XL/1 step), XLA elsewhere;
@@ -104,11 +104,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
     # The tokenizer the latents came from; recorded in the checkpoint so that sampling decodes
-    # with the same VA-VAE (path: our export folder or a vavae trainer workdir; config: a
-    # configs/vavae_f16d32.py variant string describing its architecture).
-    c.tokenizer = ml_collections.ConfigDict(dict(path="", config="vavae_f16d32.py"))
+    # with the same VA-VAE. path: our export folder, a vavae trainer workdir or an official .pt;
+    # config: its architecture as data (the fields of vavae_jax.model.AutoencoderConfig), used
+    # only when path names another tokenizer than the latents' index.json and is a .pt (folders
+    # and index.json carry their own).
+    c.tokenizer = ml_collections.ConfigDict(dict(path="", config=_tokenizer_architecture()))
 
-    # --- sampling defaults (reference sample: section; used for grids and launch/sample.py) ----
+    # --- sampling defaults (reference sample: section; used for grids and launch/sample.py;
+    # read as one lightningdit_jax.sampling.Guidance) --------------------------------------------
     c.sample = ml_collections.ConfigDict(
         dict(
             num_steps=250,
@@ -136,6 +139,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if v["small"]:
         _shrink(c, keep_preset=model is not None)
     return c
+
+
+def _tokenizer_architecture() -> dict:
+    """VA-VAE f16d32 (reference vavae/configs/f16d32_vfdinov2.yaml), without the compute dtype."""
+    import dataclasses
+
+    from vavae_jax.model import PRESETS
+
+    fields = dataclasses.asdict(PRESETS["f16d32"])
+    del fields["dtype"]
+    return fields
 
 
 def _shrink(c: ml_collections.ConfigDict, *, keep_preset: bool) -> None:

@@ -24,21 +24,16 @@ Topologies (see vavae_jax/runtime/aot.py):
 
 from __future__ import annotations
 
-import copy
 import importlib
 import json
 import logging
 import os
 import pathlib
-import sys
-from typing import Any
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from absl import app, flags
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from launch import config_cli  # noqa: E402
+from vavae_jax.runtime import cli
 
 TRAINER_MODULES = {"vavae": "vavae_jax.train", "lightningdit": "lightningdit_jax.train"}
 
@@ -55,42 +50,6 @@ def load_hook(trainer: str | None):
             f"(fn, abstract_args, in_shardings, out_shardings, donate_argnums)"
         )
     return hook
-
-
-def check(
-    config,
-    topology: str,
-    build_abstract_step,
-    *,
-    global_batch: int | None = None,
-    gpu_target_config: str | None = None,
-    hbm_bytes: int | None = None,
-) -> dict[str, Any]:
-    """Builds the mesh for `topology`, asks the hook for the step and compiles it."""
-    from vavae_jax.runtime import aot
-
-    config = copy.deepcopy(config)
-    if global_batch is not None:
-        with config.unlocked():
-            config.global_batch_size = global_batch
-    mesh = aot.abstract_mesh_for(
-        topology, data=config.mesh.data, fsdp=config.mesh.fsdp, gpu_target_config=gpu_target_config
-    )
-    if config.global_batch_size % mesh.devices.size:
-        raise ValueError(
-            f"global batch {config.global_batch_size} is not divisible by the {mesh.devices.size} "
-            f"devices of {topology}: choose a multiple of {mesh.devices.size}"
-        )
-    # No mesh context here: the hook receives the mesh and gives every sharding explicitly.
-    fn, args, in_sh, out_sh, donate = build_abstract_step(config, mesh)
-    report = aot.compile_report(fn, args, in_sh, out_sh, donate, hbm_bytes=hbm_bytes)
-    report.update(
-        topology=topology,
-        mesh={k: int(v) for k, v in mesh.shape.items()},
-        global_batch_size=int(config.global_batch_size),
-        sharding=config.get("sharding"),
-    )
-    return report
 
 
 def configure_platform(
@@ -114,7 +73,7 @@ def configure_platform(
 
 
 def define_flags() -> None:
-    """Flags of the script (defined only when run as one, so that tests can import it)."""
+    """Flags of the script (defined only when it runs as one)."""
     config_flags.DEFINE_config_file("config", None, "Config file[:variants].", lock_config=True)
     flags.DEFINE_string("topology", None, "Target: cpu:N, gpu:N, tpu:v5e-64, tpu:v5e:8x8 ...")
     flags.DEFINE_integer("global_batch", None, "Overrides config.global_batch_size.")
@@ -152,7 +111,7 @@ def main(argv):
     config = f.config
     hook = load_hook(config.get("trainer"))
     hbm = None if f.hbm_gib is None else int(f.hbm_gib * aot.GiB)
-    report = check(
+    report = aot.check_config(
         config,
         f.topology,
         hook,
@@ -172,4 +131,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=config_cli.parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -19,10 +19,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import pathlib
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _vavae(args) -> dict:
-    from vavae_jax import convert, foundation
+    from vavae_jax import checkpoints, foundation
     from vavae_jax.model import PRESETS
 
     if args.preset not in PRESETS:
@@ -86,8 +82,10 @@ def _vavae(args) -> dict:
         fields = json.loads(args.teacher_config)
         fields.setdefault("interpolate_antialias", True)  # the reference's teacher is timm's
         teacher = foundation.Dinov2Config(**fields)
-    out = convert.convert_official(args.pt, args.out, PRESETS[args.preset], teacher_preset=teacher)
-    return json.loads((out / convert.EXPORT_JSON).read_text())
+    out = checkpoints.convert_official(
+        args.pt, args.out, PRESETS[args.preset], teacher_preset=teacher
+    )
+    return checkpoints.read_export_meta(out)
 
 
 def _lightningdit(args) -> dict:

@@ -23,17 +23,15 @@ import dataclasses
 import logging
 import os
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from absl import app, flags
+from flax import nnx
 
-from absl import app, flags  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from lightningdit_jax import data as latent_data  # noqa: E402
-from lightningdit_jax.pipeline import extract  # noqa: E402
-from vavae_jax import data as image_data  # noqa: E402
-from vavae_jax import model as vae_model  # noqa: E402
+from lightningdit_jax import data as latent_data
+from lightningdit_jax.pipeline import extract
+from vavae_jax import checkpoints
+from vavae_jax import data as image_data
+from vavae_jax import model as vae_model
 
 log = logging.getLogger("launch.extract_latents")
 
@@ -41,30 +39,24 @@ log = logging.getLogger("launch.extract_latents")
 def load_tokenizer(path: str, *, allow_random: bool, random_preset: str = "small", dtype=None):
     """(AutoencoderKL, reference dict) from our export folder, a vavae trainer workdir, or a
     random tiny VAE (smoke)."""
-    from vavae_jax import convert
-
     if path:
         if not os.path.isdir(path):
             raise FileNotFoundError(
                 f"tokenizer {path!r} is not a directory (expected a VA-VAE export or a vavae "
                 f"trainer workdir)"
             )
-        if (pathlib.Path(path) / "checkpoints").is_dir():
-            return convert.load_trainer_workdir(path, dtype=dtype)
-        exported = convert.load_export(path, dtype=dtype)
-        ae = exported["autoencoder"]
-        return ae, dict(path=os.path.abspath(path), config=dataclasses.asdict(ae.config))
+        ae, info = checkpoints.load_autoencoder(path, dtype=dtype)
+        return ae, info["ref"]
     if not allow_random:
         raise ValueError(
             "--tokenizer is empty: give a VA-VAE export folder or trainer workdir, or --allow_random"
         )
     log.warning("the tokenizer has RANDOM weights: a smoke run, the latents mean nothing")
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
-    import vavae_f16d32
-
     from vavae_jax import train as vae_train
+    from vavae_jax.runtime import cli
 
-    cfg = vavae_f16d32.get_config(random_preset)
+    config_file = pathlib.Path(__file__).resolve().parents[1] / "configs/vavae_f16d32.py"
+    cfg = cli.config_from_file(f"{config_file}:{random_preset}")
     if dtype is not None:
         cfg.dtype = dtype
     ae_cfg = vae_train.autoencoder_config(cfg)

@@ -17,14 +17,11 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from absl import app, flags
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from launch import config_cli  # noqa: E402
+from vavae_jax.runtime import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file[:variants].", lock_config=True
@@ -56,25 +53,12 @@ def default_workdir(config_arg: str) -> str:
     return str(pathlib.Path("runs") / name)
 
 
-# Overlap of the gradient all-reduce with the backward pass on GPUs (BENCHMARKS.md: XL/1 on
-# 2 x H200 scales 90.9% with these, 89.6% without). GPU-only options; other backends ignore them.
-GPU_XLA_FLAGS = {
-    "--xla_gpu_enable_latency_hiding_scheduler": "true",
-    "--xla_gpu_all_reduce_combine_threshold_bytes": str(128 * 1024 * 1024),
-}
-
-
-def default_xla_flags(current: str) -> str:
-    """`current` XLA_FLAGS plus GPU_XLA_FLAGS that it does not set already."""
-    extra = [f"{k}={v}" for k, v in GPU_XLA_FLAGS.items() if k not in current]
-    return " ".join([current.strip(), *extra]).strip()
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    os.environ["XLA_FLAGS"] = default_xla_flags(os.environ.get("XLA_FLAGS", ""))
     from vavae_jax.runtime import distributed
+
+    os.environ["XLA_FLAGS"] = distributed.default_xla_flags(os.environ.get("XLA_FLAGS", ""))
     from vavae_jax.runtime.logging import setup_python_logging
 
     setup_python_logging()
@@ -96,4 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_cli.parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -19,7 +19,7 @@ import json
 import os
 import struct
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -27,6 +27,8 @@ import jax
 import ml_collections
 import numpy as np
 from absl import flags
+
+from vavae_jax.runtime.batches import LoaderIterator
 
 INDEX_FILE = "index.json"
 STATS_FILE = "latent_stats.npz"
@@ -268,29 +270,9 @@ class GlobalBatchSampler:
         )
 
 
-class LatentIterator(Iterator[dict[str, np.ndarray]]):
-    """Per-host batches {"latent" [B, h, w, C] float32, "label" [B] int32}; grain's
-    get_state / set_state, so `grain.checkpoint.CheckpointSave(it)` accepts it."""
-
-    def __init__(self, loader: grain.DataLoader, num_records: int, per_host_batch: int):
-        self._it = iter(loader)
-        self.num_records = num_records
-        self.per_host_batch = per_host_batch
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._it)
-
-    def get_state(self) -> bytes:
-        return self._it.get_state()
-
-    def set_state(self, state: bytes) -> None:
-        self._it.set_state(state)
-
-    def start_prefetch(self) -> None:
-        self._it.start_prefetch()
+class LatentIterator(LoaderIterator):
+    """Per-host batches {"latent" [B, h, w, C] float32, "label" [B] int32} (see
+    `batches.LoaderIterator` for the checkpointable state)."""
 
 
 def make_train_iterator(

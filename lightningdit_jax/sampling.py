@@ -13,6 +13,10 @@ channels taken from the conditional output (`"first3"`, what the reference ships
 numbers use). Where guidance is off the model runs on the conditional half only (`lax.cond`),
 instead of computing and discarding the unconditional half.
 
+The settings of a sampler are one `Guidance` (the ODE grid and the guidance; field names as in
+`config.sample` and launch/sample.py's flags): `sample_ode(model, z0, y, guidance)`; keyword
+arguments override single fields (`sample_ode(model, z0, y, num_steps=250, cfg_scale=6.7)`).
+
 Each sampler is one jitted function; the loop is a `lax.fori_loop` over a traced number of steps
 (a `lax.while_loop` for dopri5), so changing the step count, the shift or the guidance settings
 does not recompile. Shard `z0` / `y` over the batch (`sharding.batch_sharding`) and the
@@ -21,7 +25,9 @@ computation follows.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +39,50 @@ from lightningdit_jax.transport import DIFFUSION_FORMS, Transport
 CFG_CHANNELS = ("first3", "all")
 ODE_METHODS = ("euler", "heun", "dopri5")
 LAST_STEPS = (None, "Mean", "Tweedie", "Euler")
+
+
+@dataclasses.dataclass(frozen=True)
+class Guidance:
+    """How to sample: the ODE grid and classifier-free guidance (reference `sample:` section).
+
+    `num_steps` grid points (so `num_steps - 1` steps), `method` the ODE solver, `timestep_shift`
+    the grid's shift (0: none), guidance `cfg_scale` (1: none) where t >= `cfg_interval_start`
+    on `cfg_channels` ("first3": the reference's, "all": the standard formula). The SDE sampler
+    uses num_steps and the guidance fields; its grid is uniform, as the reference's.
+    """
+
+    num_steps: int = 250
+    method: str = "euler"
+    timestep_shift: float = 0.0
+    cfg_scale: float = 1.0
+    cfg_interval_start: float = 0.0
+    cfg_channels: str = "first3"
+
+    def __post_init__(self):
+        if self.method not in ODE_METHODS:
+            raise ValueError(f"method={self.method!r}: expected one of {ODE_METHODS}")
+        if self.num_steps < 2:
+            raise ValueError(f"num_steps={self.num_steps}: the grid needs at least 2 points")
+        if self.cfg_channels not in CFG_CHANNELS:
+            raise ValueError(f"cfg_channels={self.cfg_channels!r}: expected one of {CFG_CHANNELS}")
+
+    @classmethod
+    def from_config(cls, sample_config, **overrides) -> Guidance:
+        """From a run's `config.sample` (ConfigDict or dict); overrides that are None are
+        skipped (command-line flags left unset)."""
+        fields = dict(sample_config)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - names)
+        if unknown:
+            raise ValueError(f"config.sample has fields {unknown} that Guidance lacks: {names}")
+        return cls(**fields).replace(**overrides)
+
+    def replace(self, **overrides) -> Guidance:
+        """A copy with the overrides that are not None."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def cfg_model_output(
@@ -79,39 +129,33 @@ def cfg_model_output(
     return jax.lax.cond(use, with_guidance, conditional)
 
 
-def _check(model, z0, y, cfg_scale, cfg_channels) -> bool:
+def _prepare(model, z0, y, g: Guidance):
+    """What every sampler passes to its jitted body: (graphdef, state, z0 float32, y int32,
+    the traced guidance scalars, whether guidance runs at all (static))."""
     cfg = model.config
     if z0.ndim != 4 or y.shape != (z0.shape[0],):
         raise ValueError(f"expected z0 [B, H, W, C] and y [B], got {z0.shape} and {y.shape}")
-    if cfg_channels not in CFG_CHANNELS:
-        raise ValueError(f"cfg_channels={cfg_channels!r}: expected one of {CFG_CHANNELS}")
-    guided = float(cfg_scale) != 1.0
+    guided = float(g.cfg_scale) != 1.0
     if guided and cfg.class_dropout_prob <= 0:
         raise ValueError(
-            f"cfg_scale={cfg_scale} needs the null label, but this model was built with "
+            f"cfg_scale={g.cfg_scale} needs the null label, but this model was built with "
             f"class_dropout_prob={cfg.class_dropout_prob} (no unconditional embedding)"
         )
-    return guided
+    graphdef, state = nnx.split(model)
+    scalars = dict(
+        cfg_scale=jnp.float32(g.cfg_scale), cfg_interval_start=jnp.float32(g.cfg_interval_start)
+    )
+    z0, y = jnp.asarray(z0, jnp.float32), jnp.asarray(y, jnp.int32)
+    return graphdef, state, z0, y, scalars, guided
 
 
-def _drift_fn(
-    graphdef, state, y, cfg_scale, cfg_interval_start, *, guided, cfg_channels, transport
-):
+def _drift_fn(graphdef, state, y, scalars, *, guided, cfg_channels, transport):
     """f(t, x) -> (ODE drift, model output) at scalar time t for the whole batch."""
 
     def f(t, x):
         tb = jnp.full((x.shape[0],), t, jnp.float32)
         model = nnx.merge(graphdef, state, copy=True)  # Variables of this (loop body) trace level
-        out = cfg_model_output(
-            model,
-            x,
-            tb,
-            y,
-            cfg_scale=cfg_scale,
-            cfg_interval_start=cfg_interval_start,
-            cfg_channels=cfg_channels,
-            guided=guided,
-        )
+        out = cfg_model_output(model, x, tb, y, **scalars, cfg_channels=cfg_channels, guided=guided)
         return transport.velocity(out, x, tb), out
 
     return f
@@ -142,13 +186,14 @@ def sample_ode(
     model,
     z0: jax.Array,
     y: jax.Array,
+    guidance: Guidance | None = None,
     *,
-    num_steps: int,
-    method: str = "euler",
-    timestep_shift: float = 0.0,
-    cfg_scale: float = 1.0,
-    cfg_interval_start: float = 0.0,
-    cfg_channels: str = "first3",
+    num_steps: int | None = None,
+    method: str | None = None,
+    timestep_shift: float | None = None,
+    cfg_scale: float | None = None,
+    cfg_interval_start: float | None = None,
+    cfg_channels: str | None = None,
     atol: float = 1e-6,
     rtol: float = 1e-3,
     max_steps: int = 4096,
@@ -156,49 +201,45 @@ def sample_ode(
 ) -> jax.Array:
     """Integrates the probability-flow ODE from noise z0 [B, H, W, C] (t = 0) to data (t = 1).
 
-    euler / heun: fixed steps between the `num_steps` points of the (shifted) reference grid, so
-    `num_steps - 1` steps (heun: two model calls per step, as torchdiffeq's heun2); `num_steps`,
-    the shift and the guidance settings are traced, so changing them does not recompile. dopri5:
-    adaptive Dormand-Prince 5(4) with `atol` / `rtol` (reference defaults 1e-6 / 1e-3), ending
-    exactly at t1; `num_steps` and the shift do not change its endpoint. A dopri5 run that needs
-    more than `max_steps` steps returns NaN. Returns z1 [B, H, W, C] float32.
+    The settings are `guidance` (default `Guidance()`) with the keyword arguments given (not
+    None) replacing its fields. euler / heun: fixed steps between the `num_steps` points of the
+    (shifted) reference grid, so `num_steps - 1` steps (heun: two model calls per step, as
+    torchdiffeq's heun2); `num_steps`, the shift and the guidance settings are traced, so
+    changing them does not recompile. dopri5: adaptive Dormand-Prince 5(4) with `atol` / `rtol`
+    (reference defaults 1e-6 / 1e-3), ending exactly at t1; `num_steps` and the shift do not
+    change its endpoint. A dopri5 run that needs more than `max_steps` steps returns NaN.
+    Returns z1 [B, H, W, C] float32.
     """
-    if method not in ODE_METHODS:
-        raise ValueError(f"method={method!r}: expected one of {ODE_METHODS}")
-    if num_steps < 2:
-        raise ValueError(f"num_steps={num_steps}: the grid needs at least 2 points")
-    guided = _check(model, z0, y, cfg_scale, cfg_channels)
-    transport = transport or Transport()
-    graphdef, state = nnx.split(model)
+    g = (guidance or Guidance()).replace(
+        num_steps=num_steps,
+        method=method,
+        timestep_shift=timestep_shift,
+        cfg_scale=cfg_scale,
+        cfg_interval_start=cfg_interval_start,
+        cfg_channels=cfg_channels,
+    )
+    graphdef, state, z0, y, scalars, guided = _prepare(model, z0, y, g)
     return _sample_ode(
         graphdef,
         state,
-        jnp.asarray(z0, jnp.float32),
-        jnp.asarray(y, jnp.int32),
-        jnp.int32(num_steps),
-        jnp.float32(timestep_shift),
-        jnp.float32(cfg_scale),
-        jnp.float32(cfg_interval_start),
+        z0,
+        y,
+        jnp.int32(g.num_steps),
+        jnp.float32(g.timestep_shift),
+        scalars,
         jnp.float32(atol),
         jnp.float32(rtol),
-        method=method,
+        method=g.method,
         guided=guided,
-        cfg_channels=cfg_channels,
+        cfg_channels=g.cfg_channels,
         max_steps=max_steps,
-        transport=transport,
+        transport=transport or Transport(),
     )
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=(
-        "graphdef",
-        "method",
-        "guided",
-        "cfg_channels",
-        "max_steps",
-        "transport",
-    ),
+    static_argnames=("graphdef", "method", "guided", "cfg_channels", "max_steps", "transport"),
 )
 def _sample_ode(
     graphdef,
@@ -207,8 +248,7 @@ def _sample_ode(
     y,
     num_steps,
     timestep_shift,
-    cfg_scale,
-    cfg_interval_start,
+    scalars,
     atol,
     rtol,
     *,
@@ -219,14 +259,7 @@ def _sample_ode(
     transport,
 ):
     f = _drift_fn(
-        graphdef,
-        state,
-        y,
-        cfg_scale,
-        cfg_interval_start,
-        guided=guided,
-        cfg_channels=cfg_channels,
-        transport=transport,
+        graphdef, state, y, scalars, guided=guided, cfg_channels=cfg_channels, transport=transport
     )
     t0, t1 = transport.interval(eval=True)
     if method == "dopri5":
@@ -340,24 +373,27 @@ def sample_sde(
     z0: jax.Array,
     y: jax.Array,
     rng: jax.Array,
+    guidance: Guidance | None = None,
     *,
-    num_steps: int,
+    num_steps: int | None = None,
     diffusion_form: str = "sigma",
     diffusion_norm: float = 1.0,
     last_step: str | None = "Mean",
     last_step_size: float = 0.04,
-    cfg_scale: float = 1.0,
-    cfg_interval_start: float = 0.0,
-    cfg_channels: str = "first3",
+    cfg_scale: float | None = None,
+    cfg_interval_start: float | None = None,
+    cfg_channels: str | None = None,
     transport: Transport | None = None,
 ) -> jax.Array:
     """Euler-Maruyama for dx = [v + w_t score] dt + sqrt(2 w_t) dW (reference Sampler.sample_sde).
 
-    `num_steps` grid points on [t0, 1 - last_step_size]: `num_steps - 1` stochastic steps, then
-    the reference's last step to t = 1: "Mean" (drift only), "Tweedie", "Euler" (ODE drift) or
-    None (stop at t1). `diffusion_form` is the reference's w_t; the default "sigma" (w_t = 1 - t
-    on the Linear path) is SiT's sampling default; the reference Sampler's "SBDM" default is
-    singular at t0 = 0 for Linear/GVP velocity models and is refused there.
+    `guidance` (default `Guidance()`, keyword arguments given replace its fields) gives
+    `num_steps` and the guidance; its method and timestep shift do not apply. `num_steps` grid
+    points on [t0, 1 - last_step_size]: `num_steps - 1` stochastic steps, then the reference's
+    last step to t = 1: "Mean" (drift only), "Tweedie", "Euler" (ODE drift) or None (stop at
+    t1). `diffusion_form` is the reference's w_t; the default "sigma" (w_t = 1 - t on the Linear
+    path) is SiT's sampling default; the reference Sampler's "SBDM" default is singular at t0 = 0
+    for Linear/GVP velocity models and is refused there.
     Unlike the reference, which calls the model once for the drift and again for the score, each
     step evaluates the model once and derives both (same values, half the work).
     """
@@ -365,9 +401,12 @@ def sample_sde(
         raise ValueError(f"diffusion_form={diffusion_form!r}: expected one of {DIFFUSION_FORMS}")
     if last_step not in LAST_STEPS:
         raise ValueError(f"last_step={last_step!r}: expected one of {LAST_STEPS}")
-    if num_steps < 2:
-        raise ValueError(f"num_steps={num_steps}: the grid needs at least 2 points")
-    guided = _check(model, z0, y, cfg_scale, cfg_channels)
+    g = (guidance or Guidance()).replace(
+        num_steps=num_steps,
+        cfg_scale=cfg_scale,
+        cfg_interval_start=cfg_interval_start,
+        cfg_channels=cfg_channels,
+    )
     transport = transport or Transport()
     if last_step is None:
         last_step_size = 0.0
@@ -379,16 +418,15 @@ def sample_sde(
             f"diffusion_form='SBDM' is infinite at t=0 on the {transport.path_type} path with "
             f"velocity prediction (sample_eps resolves to 0); use diffusion_form='sigma'"
         )
-    graphdef, state = nnx.split(model)
+    graphdef, state, z0, y, scalars, guided = _prepare(model, z0, y, g)
     return _sample_sde(
         graphdef,
         state,
-        jnp.asarray(z0, jnp.float32),
-        jnp.asarray(y, jnp.int32),
+        z0,
+        y,
         rng,
-        jnp.int32(num_steps),
-        jnp.float32(cfg_scale),
-        jnp.float32(cfg_interval_start),
+        jnp.int32(g.num_steps),
+        scalars,
         jnp.float32(diffusion_norm),
         jnp.float32(last_step_size),
         t0=t0,
@@ -396,7 +434,7 @@ def sample_sde(
         diffusion_form=diffusion_form,
         last_step=last_step,
         guided=guided,
-        cfg_channels=cfg_channels,
+        cfg_channels=g.cfg_channels,
         transport=transport,
     )
 
@@ -421,8 +459,7 @@ def _sample_sde(
     y,
     rng,
     num_steps,
-    cfg_scale,
-    cfg_interval_start,
+    scalars,
     diffusion_norm,
     last_step_size,
     *,
@@ -435,14 +472,7 @@ def _sample_sde(
     transport,
 ):
     f = _drift_fn(
-        graphdef,
-        state,
-        y,
-        cfg_scale,
-        cfg_interval_start,
-        guided=guided,
-        cfg_channels=cfg_channels,
-        transport=transport,
+        graphdef, state, y, scalars, guided=guided, cfg_channels=cfg_channels, transport=transport
     )
 
     def sde_drift(t, x):

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -31,9 +30,9 @@ from lightningdit_jax import data as data_lib
 from lightningdit_jax import model as model_lib
 from lightningdit_jax import sampling
 from lightningdit_jax import transport as transport_lib
-from vavae_jax.data import make_global_batch
 from vavae_jax.runtime import checkpoint as ckpt_lib
-from vavae_jax.runtime import compile_log, sharding
+from vavae_jax.runtime import compile_log, sharding, trainer
+from vavae_jax.runtime.batches import make_global_batch
 from vavae_jax.runtime.logging import MetricWriter, image_grid, save_png
 from vavae_jax.runtime.loop import (  # noqa: F401  (re-exported)
     LoopControl,
@@ -45,15 +44,6 @@ from vavae_jax.runtime.loop import (  # noqa: F401  (re-exported)
 )
 
 log = logging.getLogger(__name__)
-
-
-def compute_dtype(config, platform: str | None = None) -> str:
-    """config.dtype; "auto" is bfloat16 on GPU/TPU, float32 on CPU. `platform` is the target's
-    (a compile-only TPU mesh on a CPU host), by default JAX's backend."""
-    if config.dtype == "auto":
-        platform = platform or jax.default_backend()
-        return "bfloat16" if platform in ("gpu", "tpu") else "float32"
-    return config.dtype
 
 
 def model_config(
@@ -73,7 +63,7 @@ def model_config(
         scan_unroll=m.scan_unroll,
         scan_layers=m.get("scan_layers", True),
         attention_impl=m.attention_impl or "auto",  # "" in configs written before 2026-11-22
-        dtype=compute_dtype(config, platform),
+        dtype=trainer.compute_dtype(config, platform),
     )
     if latent_shape is not None:
         h, w, c = latent_shape
@@ -99,12 +89,7 @@ def make_transport(config) -> transport_lib.Transport:
 def make_optimizer(optim) -> optax.GradientTransformation:
     """torch.optim.AdamW(lr, betas=(b1, b2), weight_decay) as the reference; optional clipping
     (reference `accelerator.clip_grad_norm_(..., max_grad_norm)`)."""
-    tx = optax.adamw(
-        optim.lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay
-    )
-    if optim.grad_clip_norm > 0:
-        tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), tx)
-    return tx
+    return trainer.make_optimizer(optim.lr, optim)
 
 
 def make_train_step(graphdef, tx, transport, ema_decay: float):
@@ -134,56 +119,15 @@ def make_train_step(graphdef, tx, transport, ema_decay: float):
 # ---------------------------------------------------------------------------------------------
 # The step, its state and their shardings: one builder for `run`, sampling and AOT compiles
 # ---------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class TrainStep:
-    """The train step with its state layout and shardings on a mesh, built from shapes only.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainStep(trainer.TrainStep):
+    """`trainer.TrainStep` of LightningDiT: `fn(state, batch, rng_bits)`; state: dict(params,
+    rest, opt, ema, step), every weight and Adam moment sharded by the logical rules, scalars
+    replicated. `load_ema_model` restores into `abstract_state`."""
 
-    `run` jits it on real devices; `build_abstract_step` hands the same pieces to an
-    ahead-of-time compile for devices that may not exist here; `load_ema_model` restores into
-    `abstract_state`. State: dict(params, rest, opt, ema, step), every weight and Adam moment
-    sharded by the logical rules, scalars replicated.
-    """
-
-    fn: Callable  # (state, batch, rng_bits) -> (state, metrics); not jitted
     graphdef: nnx.GraphDef
     model_config: model_lib.LightningDiTConfig
-    init: Callable  # key -> initial state (pure: jit it with out_shardings=state_sharding)
-    abstract_state: dict[str, Any]  # jax.ShapeDtypeStruct leaves carrying their shardings
-    state_sharding: dict[str, Any]
-    abstract_batch: dict[str, jax.ShapeDtypeStruct]  # the global batch
     batch_sharding: dict[str, jax.sharding.NamedSharding]
-    abstract_rng: jax.ShapeDtypeStruct  # raw key data (jax.random.key_data of a key)
-    replicated: jax.sharding.NamedSharding
-    donate_argnums: tuple[int, ...] = (0,)  # the state is updated in place
-
-    @property
-    def in_shardings(self):
-        return (self.state_sharding, self.batch_sharding, self.replicated)
-
-    @property
-    def out_shardings(self):
-        return (self.state_sharding, self.replicated)
-
-    def jit(self):
-        return jax.jit(
-            self.fn,
-            in_shardings=self.in_shardings,
-            out_shardings=self.out_shardings,
-            donate_argnums=self.donate_argnums,
-        )
-
-    @property
-    def abstract_args(self):
-        return (self.abstract_state, self.abstract_batch, self.abstract_rng)
-
-    def compile(self):
-        """The step compiled ahead of time from `abstract_args`: needs no array, so it can
-        overlap the state's initialisation. Call it with arrays in exactly these shardings."""
-        return self.jit().lower(*self.abstract_args).compile()
-
-    def init_state(self, key: jax.Array) -> dict[str, Any]:
-        """The initial state, each array created directly in its sharding."""
-        return jax.jit(self.init, out_shardings=self.state_sharding)(key)
 
 
 def build_step(config, mesh, mcfg: model_lib.LightningDiTConfig) -> TrainStep:
@@ -228,22 +172,23 @@ def build_step(config, mesh, mcfg: model_lib.LightningDiTConfig) -> TrainStep:
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return step_fn(state, batch, jax.random.wrap_key_data(rng_bits))
 
+    abstract_batch = {
+        "latent": jax.ShapeDtypeStruct((b, *latent), jnp.float32, sharding=batch_sh["latent"]),
+        "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sh["label"]),
+    }
+    abstract_rng = jax.ShapeDtypeStruct(
+        abstract_bits.shape, abstract_bits.dtype, sharding=replicated
+    )
     return TrainStep(
         fn=lightningdit_train_step,
+        init=init,
+        abstract_state=trainer.with_shardings(shapes, state_sh),
+        state_sharding=state_sh,
+        abstract_inputs=(abstract_batch, abstract_rng),
+        replicated=replicated,
         graphdef=graphdef,
         model_config=mcfg,
-        init=init,
-        abstract_state=_with_shardings(shapes, state_sh),
-        state_sharding=state_sh,
-        abstract_batch={
-            "latent": jax.ShapeDtypeStruct((b, *latent), jnp.float32, sharding=batch_sh["latent"]),
-            "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sh["label"]),
-        },
         batch_sharding=batch_sh,
-        abstract_rng=jax.ShapeDtypeStruct(
-            abstract_bits.shape, abstract_bits.dtype, sharding=replicated
-        ),
-        replicated=replicated,
     )
 
 
@@ -254,19 +199,12 @@ def build_abstract_step(config, mesh):
     Needs no data (the latent shape is the preset's) and allocates nothing: `mesh` may hold
     compile-only devices (a TPU topology, a deviceless GPU), whose platform picks the dtype.
     """
-    validate_config(config, mesh)
-    step = build_step(config, mesh, model_config(config, platform=_platform(mesh)))
-    return step.fn, step.abstract_args, step.in_shardings, step.out_shardings, step.donate_argnums
+    trainer.validate_config(config, mesh)
+    return build_step(config, mesh, model_config(config, platform=_platform(mesh))).abstract()
 
 
 def _platform(mesh) -> str:
     return mesh.devices.flat[0].platform
-
-
-def _with_shardings(shapes, shardings):
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
-    )
 
 
 def build_meta(config, stats, index) -> dict[str, Any]:
@@ -284,7 +222,9 @@ def build_meta(config, stats, index) -> dict[str, Any]:
 
 def _tokenizer_ref(config, extracted: dict) -> dict[str, Any]:
     """The tokenizer to record: the latents' own (launch/extract_latents.py wrote its path and
-    exact architecture into index.json) unless config.tokenizer.path names another one."""
+    exact architecture into index.json) unless config.tokenizer.path names another one; then
+    its architecture is config.tokenizer.config, an AutoencoderConfig dict (data, never a
+    config file to import)."""
     path = config.tokenizer.path
     if path and "://" not in path:
         path = os.path.abspath(path)  # sampling may run from another directory
@@ -293,18 +233,14 @@ def _tokenizer_ref(config, extracted: dict) -> dict[str, Any]:
     )
     if same and extracted:
         return dict(path=extracted.get("path", ""), config=extracted.get("config", ""))
-    return dict(path=path, config=config.tokenizer.config)
-
-
-def validate_config(config, mesh) -> None:
-    n_dev = mesh.devices.size
-    if config.global_batch_size % n_dev:
+    arch = config.tokenizer.config
+    if isinstance(arch, str):
         raise ValueError(
-            f"global_batch_size={config.global_batch_size} is not divisible by the {n_dev} "
-            f"devices; use a multiple of {n_dev}"
+            f"tokenizer.config={arch!r}: a config file name; it is now the tokenizer's "
+            f"architecture as data, the fields of vavae_jax.model.AutoencoderConfig "
+            f"(configs/lightningdit_xl_vavae_f16d32.py sets the f16d32 preset's)"
         )
-    if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype={config.dtype!r}: expected auto, float32, bfloat16 or float16")
+    return dict(path=path, config=json.loads(json.dumps(arch.to_dict())))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +254,7 @@ def run(
     started = time.perf_counter()
     compile_log.install()
     mesh = sharding.mesh_from_config(config.mesh)
-    validate_config(config, mesh)
+    trainer.validate_config(config, mesh)
     workdir_path = ckpt_lib.as_path(workdir)
     rng = jax.random.key(config.seed)
 
@@ -404,32 +340,48 @@ def run(
 # ---------------------------------------------------------------------------------------------
 def load_meta(workdir: str, step: int | None = None) -> dict[str, Any]:
     """The checkpoint's meta: latent stats, multiplier, tokenizer reference, preset."""
-    import orbax.checkpoint as ocp
-
     ckpt = ckpt_lib.Checkpointer(ckpt_lib.as_path(workdir) / "checkpoints", async_save=False)
     try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no LightningDiT checkpoint in {ckpt.directory}")
-        if "meta" not in ckpt.item_names(step):
-            raise ValueError(f"checkpoint step {step} in {ckpt.directory} has no meta item")
-        out = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(out["meta"], step=int(step))
+        return _read_meta(ckpt, step)
     finally:
         ckpt.close()
 
 
-def load_ema_model(workdir: str, mesh, *, step: int | None = None, dtype: str | None = None):
-    """(EMA LightningDiT with sharded weights, meta, config) from a trainer workdir."""
+def _read_meta(ckpt: ckpt_lib.Checkpointer, step: int | None) -> dict[str, Any]:
+    import orbax.checkpoint as ocp
+
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no LightningDiT checkpoint in {ckpt.directory}")
+    if "meta" not in ckpt.item_names(step):
+        raise ValueError(f"checkpoint step {step} in {ckpt.directory} has no meta item")
+    out = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out["meta"], step=int(step))
+
+
+def load_ema_model(
+    workdir: str,
+    mesh,
+    *,
+    step: int | None = None,
+    dtype: str | None = None,
+    config: ml_collections.ConfigDict | None = None,
+    meta: dict[str, Any] | None = None,
+):
+    """(EMA LightningDiT with sharded weights, meta, config) from a trainer workdir: one
+    checkpoint manager reads the meta (unless given: then `step` is its step) and the weights.
+    `config`: the run's config.json when the caller has read it already."""
     path = ckpt_lib.as_path(workdir)
-    config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
+    if config is None:
+        config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
+    config = ml_collections.ConfigDict(config.to_dict())  # the dtype override stays local
     if dtype is not None:
         config.dtype = dtype
-    meta = load_meta(workdir, step)
-    mcfg = model_config(config, tuple(meta["latent_shape"]), platform=_platform(mesh))
-    train_step = build_step(config, mesh, mcfg)
     ckpt = ckpt_lib.Checkpointer(path / "checkpoints", async_save=False)
     try:
+        meta = _read_meta(ckpt, step) if meta is None else meta
+        mcfg = model_config(config, tuple(meta["latent_shape"]), platform=_platform(mesh))
+        train_step = build_step(config, mesh, mcfg)
         state = ckpt.restore(meta["step"], train_step.abstract_state)["state"]
     finally:
         ckpt.close()
@@ -445,17 +397,10 @@ def _write_grid(config, graphdef, state, mcfg, meta, writer, workdir_path, step)
         jax.random.key(step), (n, mcfg.input_size, mcfg.input_size, mcfg.in_channels)
     )
     y = jnp.arange(n, dtype=jnp.int32) % mcfg.num_classes
-    s = config.sample
-    x = sampling.sample_ode(
-        ema,
-        z0,
-        y,
-        num_steps=config.grid_sample_steps,
-        timestep_shift=s.timestep_shift,
-        cfg_scale=s.cfg_scale if mcfg.class_dropout_prob > 0 else 1.0,
-        cfg_interval_start=s.cfg_interval_start,
-        cfg_channels=s.cfg_channels,
-    )
+    guidance = sampling.Guidance.from_config(config.sample, num_steps=config.grid_sample_steps)
+    if mcfg.class_dropout_prob <= 0:  # no null label: unguided
+        guidance = guidance.replace(cfg_scale=1.0)
+    x = sampling.sample_ode(ema, z0, y, guidance)
     x = np.asarray(jax.device_get(x))[..., :3]
     # Each channel to [-1, 1] over the grid, for display only.
     x = x / max(float(np.abs(x).max()), 1e-6)

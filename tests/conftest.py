@@ -10,12 +10,21 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-# One compilation cache for the session: the trainer tests compile the same step several times
-# (uninterrupted run, killed run, resumed run).
-_CACHE = tempfile.mkdtemp(prefix="jax_cache_")
-jax.config.update("jax_compilation_cache_dir", _CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# One compilation cache for the whole test run, shared by the xdist workers and by the CLIs the
+# tests start as subprocesses (they inherit the environment): the trainer tests compile the same
+# steps several times (uninterrupted, killed, resumed runs; one mesh after another).
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+_CACHE = os.path.join(tempfile.gettempdir(), f"vavae_jax_tests_{_RUN}", "jax_cache")
+os.makedirs(_CACHE, exist_ok=True)
+for _key, _value in (
+    ("jax_compilation_cache_dir", _CACHE),
+    ("jax_persistent_cache_min_compile_time_secs", 0.5),
+    ("jax_persistent_cache_min_entry_size_bytes", 0),
+    # A size limit turns on the cache's file lock: processes write and read it concurrently.
+    ("jax_compilation_cache_max_size", 8 << 30),
+):
+    jax.config.update(_key, _value)
+    os.environ[_key.upper()] = str(_value)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -35,3 +44,12 @@ def sample_images_dir() -> pathlib.Path:
     if not path.is_dir():
         raise FileNotFoundError(f"sample images not found at {path}: tests expect ../shared/data")
     return path
+
+
+def load_config(file: str, variant: str | None = None):
+    """configs/<file>[:variant] as `--config=configs/<file>[:variant]` gives it (before
+    overrides): config files are loaded by path, like config_flags does, never imported."""
+    from vavae_jax.runtime import cli
+
+    path = str(ROOT / "configs" / file)
+    return cli.config_from_file(path if variant is None else f"{path}:{variant}")

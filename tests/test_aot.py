@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +21,10 @@ import optax
 import pytest
 from flax import nnx
 
+from tests.conftest import load_config
 from vavae_jax.runtime import aot, sharding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
 EMBED, HIDDEN = 256, 1024
 
 
@@ -33,10 +32,10 @@ class MLP(nnx.Module):
     def __init__(self, *, rngs: nnx.Rngs):
         init = nnx.initializers.lecun_normal()
         self.fc1 = nnx.Linear(
-            EMBED, HIDDEN, kernel_init=nnx.with_partitioning(init, ("embed", "mlp")), rngs=rngs
+            EMBED, HIDDEN, kernel_init=sharding.partitioned(init, ("embed", "mlp")), rngs=rngs
         )
         self.fc2 = nnx.Linear(
-            HIDDEN, EMBED, kernel_init=nnx.with_partitioning(init, ("mlp", "embed")), rngs=rngs
+            HIDDEN, EMBED, kernel_init=sharding.partitioned(init, ("mlp", "embed")), rngs=rngs
         )
 
     def __call__(self, x):  # [B, EMBED] -> [B, EMBED]
@@ -202,34 +201,16 @@ def test_fits_against_given_memory():
 
 
 # ----------------------------------------------------------------------------------------------
-# launch/compile_check.py
+# aot.check_config: launch/compile_check.py's path
 # ----------------------------------------------------------------------------------------------
-def _compile_check_module():
-    spec = importlib.util.spec_from_file_location("compile_check", ROOT / "launch/compile_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_compile_check_runs_a_hook(tmp_path):
-    cc = _compile_check_module()
+def test_check_config_runs_a_hook(tmp_path):
     config = _config("fsdp")
-    report = cc.check(config, "cpu:8", build_abstract_step, global_batch=128)
+    report = aot.check_config(config, "cpu:8", build_abstract_step, global_batch=128)
     assert report["global_batch_size"] == 128 and report["mesh"] == {"data": 4, "fsdp": 2}
     assert report["topology"] == "cpu:8" and report["sharding"] == "fsdp"
     assert config.global_batch_size == 64  # the caller's config is left alone
     with pytest.raises(ValueError, match="divisible"):
-        cc.check(config, "cpu:8", build_abstract_step, global_batch=12)
-
-
-def test_compile_check_finds_the_trainer_hook():
-    cc = _compile_check_module()
-    with pytest.raises(ValueError, match="config.trainer"):
-        cc.load_hook("nope")
-    assert cc.TRAINER_MODULES == {
-        "vavae": "vavae_jax.train",
-        "lightningdit": "lightningdit_jax.train",
-    }
+        aot.check_config(config, "cpu:8", build_abstract_step, global_batch=12)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
@@ -260,6 +241,7 @@ def test_tpu_compiler_refusing_a_program_is_a_report():
 # ----------------------------------------------------------------------------------------------
 # The trainers' hooks: their real steps, from shapes
 # ----------------------------------------------------------------------------------------------
+TRAINER_PACKAGES = {"lightningdit": "lightningdit_jax", "vavae": "vavae_jax"}
 MEMORY_FIELDS = (
     "argument_bytes",
     "output_bytes",
@@ -273,9 +255,7 @@ MEMORY_FIELDS = (
 def _trainer_config(trainer: str, strategy: str) -> ml_collections.ConfigDict:
     """The trainer's small config on (data=8) for "dp" or (data=2, fsdp=4) for "fsdp"."""
     if trainer == "lightningdit":
-        import lightningdit_xl_vavae_f16d32
-
-        config = lightningdit_xl_vavae_f16d32.get_config("small")  # no data dir: not needed
+        config = load_config("lightningdit_xl_vavae_f16d32.py", "small")  # no data: not needed
     else:
         from tests.test_parallel import smallest_vavae_config
 
@@ -299,8 +279,7 @@ def _new_live_arrays(before: set[int]) -> list:
 @pytest.mark.parametrize("trainer", ["lightningdit", "vavae"])
 def test_trainer_hook_compiles_the_real_step(trainer):
     """launch/compile_check.py's path: config -> mesh -> the trainer's hook -> compile report."""
-    cc = _compile_check_module()
-    hook = cc.load_hook(trainer)
+    hook = importlib.import_module(f"{TRAINER_PACKAGES[trainer]}.train").build_abstract_step
     reports, state_bytes = {}, {}
     for strategy in ("dp", "fsdp"):
         config = _trainer_config(trainer, strategy)
@@ -312,7 +291,7 @@ def test_trainer_hook_compiles_the_real_step(trainer):
         for x in jax.tree.leaves(args):
             assert isinstance(x, jax.ShapeDtypeStruct) and x.sharding.mesh == mesh
         state_bytes[strategy] = _state_bytes_per_device(args[0])
-        reports[strategy] = cc.check(config, "cpu:8", hook)
+        reports[strategy] = aot.check_config(config, "cpu:8", hook)
     dp, fsdp = reports["dp"], reports["fsdp"]
     assert (dp["mesh"], fsdp["mesh"]) == ({"data": 8, "fsdp": 1}, {"data": 2, "fsdp": 4})
     for r in (dp, fsdp):
@@ -335,11 +314,9 @@ def test_trainer_hook_compiles_the_real_step(trainer):
 def test_lightningdit_xl1_full_size_compiles_from_shapes():
     """XL/1 at the paper's global batch 1024 with fsdp=8 on 8 CPU devices: nothing allocated,
     the ~10 GiB of state (weights, EMA, two Adam moments) split eight ways."""
-    import lightningdit_xl_vavae_f16d32
-
     from lightningdit_jax import train
 
-    config = lightningdit_xl_vavae_f16d32.get_config()  # XL/1, global batch 1024
+    config = load_config("lightningdit_xl_vavae_f16d32.py")  # XL/1, global batch 1024
     config.mesh.update(dict(data=-1, fsdp=8))
     assert (config.model.preset, config.global_batch_size) == ("XL/1", 1024)
     mesh = aot.abstract_mesh_for("cpu:8", data=-1, fsdp=8)
@@ -365,11 +342,9 @@ def test_vavae_hook_reads_no_weights():
     """The full-size VA-VAE hook takes the teacher's shapes from teacher.preset (dinov2-large)
     and LPIPS's from its class: no download, no file, although lpips.path is empty and the
     teacher a hub id, which `run` would refuse or download."""
-    import vavae_f16d32
-
     from vavae_jax import train
 
-    config = vavae_f16d32.get_config()
+    config = load_config("vavae_f16d32.py")
     assert config.teacher.path == "facebook/dinov2-large" and config.lpips.path == ""
     mesh = aot.abstract_mesh_for("cpu:8", data=-1, fsdp=1)
     before = {id(a) for a in jax.live_arrays()}

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from lightningdit_jax import pipeline
 from lightningdit_jax import train as dit_train
 from tests.test_lightningdit_train import tiny_config as dit_tiny_config
 from tests.test_lightningdit_train import write_latents
@@ -19,10 +20,6 @@ from vavae_jax import train as vavae_train
 from vavae_jax.runtime import checkpoint as ckpt_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "launch"))
-
-import sample as sample_cli  # noqa: E402
-
 SMALL = "--config=configs/vavae_f16d32.py:small"
 
 
@@ -133,5 +130,5 @@ def test_sample_pointed_at_a_vavae_run_says_what_to_pass(tmp_path):
     (workdir / "checkpoints").mkdir(parents=True)
     (workdir / "config.json").write_text(json.dumps({"trainer": "vavae"}))
     with pytest.raises(ValueError, match="VA-VAE") as err:
-        sample_cli.check_workdir(str(workdir))
+        pipeline.check_workdir(str(workdir))
     assert "LightningDiT run folder" in str(err.value) and "--tokenizer" in str(err.value)

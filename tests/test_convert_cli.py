@@ -1,4 +1,5 @@
-"""launch/convert.py and launch/evaluate.py end to end on tiny random-weight checkpoints.
+"""launch/convert.py and launch/evaluate.py end to end (as subprocesses) on tiny random-weight
+checkpoints, and the converter's refusals (vavae_jax.checkpoints.convert_official).
 
 The official VA-VAE `.pt` is rebuilt here in its real format (Lightning `{"state_dict": ...}`)
 from the reference fixture's autoencoder plus random `linear_proj.weight`, `loss.logvar`, a
@@ -8,16 +9,18 @@ taming-layout PatchGAN, the lpips package's LPIPS (taming's names) and a tiny ti
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vavae_jax import convert
+from tests.test_e2e import _env
+from vavae_jax import checkpoints, convert
 from vavae_jax.model import PRESETS
 from vavae_jax.runtime.torch_names import ConversionError, flat_params
 
@@ -27,11 +30,18 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEACHER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56)
 
 
-def _launch(name: str):
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", ROOT / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _cli(script: str, *args: str) -> dict:
+    """Runs `python launch/<script> args` as a user would; its printed JSON summary."""
+    out = subprocess.run(
+        [sys.executable, f"launch/{script}", *args],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, f"{script} exited {out.returncode}:\n{out.stderr[-6000:]}"
+    return json.loads(out.stdout)
 
 
 def _nhwc(x):
@@ -118,15 +128,15 @@ def official(tmp_path_factory, fixtures_dir):
 @pytest.fixture(scope="module")
 def export_dir(official, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "vavae"
-    summary = _launch("convert").main(
-        [
-            "vavae",
-            f"--pt={official['path']}",
-            f"--out={out}",
-            "--preset=tiny",
-            f"--teacher_config={json.dumps(TEACHER)}",
-        ]
+    summary = _cli(
+        "convert.py",
+        "vavae",
+        f"--pt={official['path']}",
+        f"--out={out}",
+        "--preset=tiny",
+        f"--teacher_config={json.dumps(TEACHER)}",
     )
+    assert summary == checkpoints.read_export_meta(out)
     assert sorted(summary["present"]) == sorted(
         ["autoencoder", "linear_proj", "logvar", "discriminator", "lpips", "teacher"]
     )
@@ -136,7 +146,7 @@ def export_dir(official, tmp_path_factory):
 
 def test_convert_cli_roundtrip_autoencoder(official, export_dir):
     fx = official["fx"]
-    loaded = convert.load_export(export_dir)
+    loaded = checkpoints.load_export(export_dir)
     assert loaded["config"] == official["cfg"]
     direct = convert.from_torch_state_dict(official["ae_state"], official["cfg"])
     x = jnp.asarray(_nhwc(fx["x"]))
@@ -152,14 +162,14 @@ def test_convert_cli_roundtrip_autoencoder(official, export_dir):
     w = official["sd"]["linear_proj.weight"].numpy()
     np.testing.assert_array_equal(np.asarray(loaded["linear_proj"]), w.transpose(2, 3, 1, 0))
     assert float(loaded["logvar"]) == pytest.approx(0.37)
-    meta = json.loads((export_dir / convert.EXPORT_JSON).read_text())
+    meta = json.loads((export_dir / checkpoints.EXPORT_JSON).read_text())
     assert meta["teacher_dim"] == TEACHER["hidden_size"]
     assert meta["discriminator_config"]["ndf"] == 8
     assert meta["discriminator_config"]["n_layers"] == 2
 
 
 def test_convert_cli_roundtrip_losses_and_teacher(official, export_dir):
-    loaded = convert.load_export(export_dir)
+    loaded = checkpoints.load_export(export_dir)
     rng = np.random.default_rng(0)
     a = rng.uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)
     b = rng.uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)
@@ -189,7 +199,7 @@ def test_init_from_official_and_export(official, export_dir):
     for source in (official["path"], export_dir):
         zeros = jax.tree.map(jnp.zeros_like, nnx.state(gen, nnx.Param))
         nnx.update(gen, zeros)  # so that each source has to set every weight
-        convert.load_into_generator(gen, source, cfg)
+        checkpoints.load_into_generator(gen, source, cfg)
         got = flat_params(gen.autoencoder, nnx.Param)
         want = flat_params(ref, nnx.Param)
         assert set(got) == set(want)
@@ -201,21 +211,23 @@ def test_init_from_official_and_export(official, export_dir):
     other = dataclasses.replace(cfg, z_channels=4, embed_dim=4)
     abstract = nnx.eval_shape(lambda: Generator(other, None, 0.0, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match=r"'z_channels': \(8, 4\)"):
-        convert.load_into_generator(abstract, export_dir, other)
+        checkpoints.load_into_generator(abstract, export_dir, other)
     with pytest.raises(ConversionError, match="shape mismatches"):
-        convert.load_into_generator(abstract, official["path"], other)
+        checkpoints.load_into_generator(abstract, official["path"], other)
 
 
 def test_convert_rejects_other_models_and_missing_files(official, tmp_path):
-    main = _launch("convert").main
+    def convert_official(pt: str, out: str, preset: str = "f16d32"):  # the CLI's default
+        return checkpoints.convert_official(tmp_path / pt, tmp_path / out, PRESETS[preset])
+
     dit = {"model": {"x_embedder.proj.weight": torch.zeros(8, 4, 1, 1)}, "ema": {}}
     torch.save(dit, tmp_path / "dit.pt")
     with pytest.raises(ConversionError, match="not a VA-VAE checkpoint.*state_dict"):
-        main(["vavae", f"--pt={tmp_path / 'dit.pt'}", f"--out={tmp_path / 'o1'}", "--preset=tiny"])
+        convert_official("dit.pt", "o1", "tiny")
     flat = {"state_dict": {"blocks.0.attn.qkv.weight": torch.zeros(3, 2)}}
     torch.save(flat, tmp_path / "flat.pt")
     with pytest.raises(ConversionError, match="no autoencoder weights"):
-        main(["vavae", f"--pt={tmp_path / 'flat.pt'}", f"--out={tmp_path / 'o2'}"])
+        convert_official("flat.pt", "o2")
     # Without the big groups (LPIPS, teacher): they are then reported absent, not invented.
     big = ("loss.perceptual_loss.", "foundation_model.")
     sd = {k: v for k, v in official["sd"].items() if not k.startswith(big)}
@@ -223,12 +235,12 @@ def test_convert_rejects_other_models_and_missing_files(official, tmp_path):
     del sd["decoder.conv_out.bias"]
     torch.save({"state_dict": sd}, tmp_path / "extra.pt")
     with pytest.raises(ConversionError, match="(?s)loss.mystery.*decoder.conv_out.bias") as err:
-        main(["vavae", f"--pt={tmp_path / 'extra.pt'}", f"--out={tmp_path / 'o3'}"])
+        convert_official("extra.pt", "o3")
     assert "[autoencoder]" in str(err.value)
     with pytest.raises(FileNotFoundError):
-        main(["vavae", f"--pt={tmp_path / 'nope.pt'}", f"--out={tmp_path / 'o4'}"])
+        convert_official("nope.pt", "o4")
     with pytest.raises(FileNotFoundError, match="not a VA-VAE export"):
-        convert.load_export(tmp_path)
+        checkpoints.load_export(tmp_path)
 
 
 def test_evaluate_tokenizer_cli(export_dir, sample_images_dir, tmp_path):
@@ -236,19 +248,18 @@ def test_evaluate_tokenizer_cli(export_dir, sample_images_dir, tmp_path):
 
     inception = save_inception(FIDInceptionV3(seed=0), tmp_path / "inception.npz")
     out = tmp_path / "eval.json"
-    result = _launch("evaluate").main(
-        [
-            f"--tokenizer={export_dir}",
-            "--data.source=folder",
-            f"--data.root={sample_images_dir}",
-            "--data.resolution=32",
-            "--data.max_records=4",
-            "--batch_size=2",
-            f"--inception={inception}",
-            "--inception_batch_size=4",
-            f"--output={out}",
-            "--no_progress",
-        ]
+    result = _cli(
+        "evaluate.py",
+        f"--tokenizer={export_dir}",
+        "--data.source=folder",
+        f"--data.root={sample_images_dir}",
+        "--data.resolution=32",
+        "--data.max_records=4",
+        "--batch_size=2",
+        f"--inception={inception}",
+        "--inception_batch_size=4",
+        f"--output={out}",
+        "--no_progress",
     )
     assert json.loads(out.read_text()) == result
     assert result["num_images"] == 4

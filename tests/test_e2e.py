@@ -132,13 +132,13 @@ def _assert_trained_weights_loaded(vae_dir: pathlib.Path) -> None:
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    from vavae_jax import convert
+    from vavae_jax import checkpoints
 
-    ae, ref = convert.load_trainer_workdir(vae_dir)
+    ae, ref = checkpoints.load_trainer_workdir(vae_dir)
     assert ref["step"] == VAE_STEPS and ref["weights"] == "gen"
-    # evaluate.py's route (convert.load_tokenizer) reads the same run.
-    same, groups = convert.load_tokenizer(vae_dir)
-    assert groups["trainer_run"] == ref
+    # evaluate.py's route (checkpoints.load_autoencoder) reads the same run.
+    same, groups = checkpoints.load_autoencoder(vae_dir)
+    assert groups["trainer_run"] == groups["ref"] == ref
     jax.tree.map(
         np.testing.assert_array_equal,
         nnx.to_pure_dict(nnx.state(same, nnx.Param)),

@@ -13,6 +13,7 @@ import transformers
 from flax import nnx
 
 from vavae_jax import foundation as F
+from vavae_jax import interpolate
 from vavae_jax.runtime import sharding
 from vavae_jax.runtime.torch_names import ConversionError
 
@@ -174,7 +175,7 @@ def test_resize_matches_torch_interpolate():
         ref = torch.nn.functional.interpolate(
             torch.from_numpy(x), size=(224, 224), mode="bilinear", align_corners=False
         ).numpy()
-        ours = np.asarray(F.resize_bilinear(_nhwc(x), (224, 224))).transpose(0, 3, 1, 2)
+        ours = np.asarray(interpolate.resize_bilinear(_nhwc(x), (224, 224))).transpose(0, 3, 1, 2)
         assert np.abs(ours - ref).max() < 2e-6, (h, w)
     # jax.image.resize antialiases when downsampling: it is not the reference's resize
     x = rng.uniform(-1, 1, (1, 3, 256, 256)).astype(np.float32)
@@ -194,7 +195,7 @@ def test_resize_matches_torch_interpolate():
                 align_corners=False,
                 antialias=antialias,
             ).numpy()
-            m = F.bicubic_matrix(n_in, n_out, antialias=antialias)
+            m = interpolate.bicubic_matrix(n_in, n_out, antialias=antialias)
             ours = np.einsum("ah,nchw,bw->ncab", m, grid, m)
             assert np.abs(ours - ref).max() < 1e-5, (n_in, n_out, antialias)
 

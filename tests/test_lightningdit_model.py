@@ -10,22 +10,19 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from lightningdit_jax import PRESETS, LightningDiT, LightningDiTConfig
+from lightningdit_jax import PRESETS, LightningDiT, LightningDiTConfig, kernels
 from lightningdit_jax.convert import from_torch_state_dict
+from lightningdit_jax.kernels import apply_rope, rms_modulate, split_rope, swiglu
 from lightningdit_jax.model import (
     Buffer,
     Dense,
     LabelEmbedder,
     RMSNorm,
     abstract_model,
-    apply_rope,
     count_params,
     get_2d_sincos_pos_embed,
     modulate,
-    rms_modulate,
     rope_tables,
-    split_rope,
-    swiglu,
 )
 from vavae_jax.runtime import sharding
 
@@ -381,10 +378,8 @@ def test_custom_gradients_equal_autodiff(dtype, tol):
 def test_swiglu_keeps_its_coefficients_not_its_input():
     """The backward reads one [..., 2, n] residual in h's dtype (the two derivative
     coefficients), not h itself, from which XLA hoisted a float32 coefficient (BENCHMARKS run 34)."""
-    from lightningdit_jax import model as model_lib
-
     h = jax.random.normal(jax.random.key(0), (2, 5, 12)).astype(jnp.bfloat16)
-    out, res = model_lib._swiglu_fwd(h)
+    out, res = kernels._swiglu_fwd(h)
     assert res.shape == (2, 5, 2, 6) and res.dtype == jnp.bfloat16
     a, b = jnp.split(h.astype(jnp.float32), 2, axis=-1)
     sig = jax.nn.sigmoid(a)
@@ -460,7 +455,7 @@ def test_dense_equals_nnx_linear(dtype):
 
 def test_blocks_use_dense_custom_grad_only_without_remat():
     """`dense`'s backward measured faster without remat and slower under `dots_no_batch`
-    (BENCHMARKS.md run 29): the blocks' linear layers use it exactly when remat is off; the
+    (docs/bench/JOURNAL.md run 29): the blocks' linear layers use it exactly when remat is off; the
     embedders and the final layer never do."""
     for policy, expected in (("none", True), ("dots_no_batch", False), ("save_bf16", False)):
         model = abstract_model(dataclasses.replace(PRESETS["tiny"], remat_policy=policy))

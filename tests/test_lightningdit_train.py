@@ -1,8 +1,6 @@
 """The LightningDiT trainer and its latent data: records, stats, resume, normalisation."""
 
 import os
-import pathlib
-import sys
 
 import jax
 import numpy as np
@@ -10,9 +8,9 @@ import pytest
 
 from lightningdit_jax import data as data_lib
 from lightningdit_jax import train
+from tests.conftest import load_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
+DIT_CONFIG = "lightningdit_xl_vavae_f16d32.py"
 
 
 def write_latents(directory, n=32, shape=(8, 8, 8), num_classes=10, seed=0):
@@ -38,9 +36,7 @@ def write_latents(directory, n=32, shape=(8, 8, 8), num_classes=10, seed=0):
 
 
 def tiny_config(data_dir):
-    import lightningdit_xl_vavae_f16d32 as cfg_mod
-
-    c = cfg_mod.get_config("tiny,small")  # the 8x8x8 latents of write_latents
+    c = load_config(DIT_CONFIG, "tiny,small")  # the 8x8x8 latents of write_latents
     c.data.data_dir = str(data_dir)
     c.global_batch_size = 8
     c.total_steps = 4
@@ -143,28 +139,24 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 
 
 def test_config_variants():
-    import lightningdit_xl_vavae_f16d32 as cfg_mod
-
-    c = cfg_mod.get_config()
+    c = load_config(DIT_CONFIG)
     assert (c.model.preset, c.global_batch_size, c.total_steps) == ("XL/1", 1024, 80_000)
     assert (c.optim.lr, c.optim.b1, c.optim.b2, c.optim.weight_decay) == (2e-4, 0.9, 0.95, 0.0)
     assert c.ema.decay == 0.9999 and c.model.class_dropout_prob == 0.1
-    assert cfg_mod.get_config("B/1,800ep").model.preset == "B/1"
-    assert cfg_mod.get_config("800ep").sample.cfg_scale == 6.7
+    assert load_config(DIT_CONFIG, "B/1,800ep").model.preset == "B/1"
+    assert load_config(DIT_CONFIG, "800ep").sample.cfg_scale == 6.7
     with pytest.raises(ValueError, match="unknown variant"):
-        cfg_mod.get_config("XXL/1")
+        load_config(DIT_CONFIG, "XXL/1")
 
 
 def test_trainer_model_takes_flash_attention_on_gpu(monkeypatch):
     """Regression: the config's attention choice reaches the model as "auto", which picks cuDNN's
     flash kernel for bf16 on a GPU (the trainer once passed None, i.e. XLA's attention that
     materialises the scores: 25% slower XL/1 steps); an empty string from older configs too."""
-    import lightningdit_xl_vavae_f16d32 as cfg_mod
-
     from vavae_jax.runtime import attention
 
     for value in ("auto", ""):
-        c = cfg_mod.get_config()
+        c = load_config(DIT_CONFIG)
         c.model.attention_impl = value
         mcfg = train.model_config(c, platform="gpu")
         assert mcfg.attention_impl == "auto" and mcfg.dtype == "bfloat16"

@@ -9,7 +9,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from vavae_jax import metrics
+from vavae_jax import interpolate, metrics
 from vavae_jax.metrics import fid, inception
 from vavae_jax.runtime.torch_names import flat_params
 
@@ -104,7 +104,7 @@ def test_inception_parity_with_pytorch_fid(fid_nets):
 @pytest.mark.parametrize("size", [(64, 64), (299, 299), (512, 300), (37, 450)])
 def test_resize_matches_torch_bilinear(size):
     x = np.random.default_rng(1).random((2, *size, 3), dtype=np.float32)
-    ours = inception.resize_bilinear_torch(jnp.asarray(x), 299, 299)
+    ours = interpolate.resize_bilinear(jnp.asarray(x), (299, 299))
     ref = (
         torch.nn.functional.interpolate(
             torch.from_numpy(x).permute(0, 3, 1, 2),

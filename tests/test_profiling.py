@@ -1,4 +1,4 @@
-"""The kernel summary of launch/benchmark.py --profile_dir (vavae_jax/runtime/profiling.py)."""
+"""The kernel summary of launch/bench/benchmark.py --profile_dir (vavae_jax/runtime/profiling.py)."""
 
 import jax
 import jax.numpy as jnp

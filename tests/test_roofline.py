@@ -1,7 +1,8 @@
-"""launch/roofline.py: its GEMM list is the program's, its traffic floor and sampler counts hold."""
+"""launch/bench/roofline.py and lightningdit_jax.costs: the GEMM list is the program's, the
+traffic floor and sampler counts hold, the command's targets follow a reference measurement."""
 
 import dataclasses
-import importlib.util
+import json
 import pathlib
 import re
 import subprocess
@@ -13,13 +14,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lightningdit_jax import costs
 from lightningdit_jax.model import PRESETS, LightningDiT, abstract_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("roofline", ROOT / "launch/roofline.py")
-roofline = importlib.util.module_from_spec(_spec)
-sys.modules["roofline"] = roofline  # dataclasses look their module up there
-_spec.loader.exec_module(roofline)
+ROOFLINE = str(ROOT / "launch/bench/roofline.py")
 
 _TYPES = re.compile(r":\s*\((tensor<[^>]*>),\s*(tensor<[^>]*>)\)\s*->\s*(tensor<[^>]*>)")
 
@@ -72,7 +71,7 @@ def test_gemm_plan_is_the_programs(train, swiglu):
         PRESETS["tiny"], scan_layers=False, dtype="bfloat16", use_swiglu=swiglu, depth=3
     )
     batch = 2
-    plan = roofline.gemms(cfg, batch, train)
+    plan = costs.gemms(cfg, batch, train)
     want = sorted(
         2.0 * g.m * g.k * g.n
         for g in plan
@@ -86,23 +85,20 @@ def test_gemm_plan_is_the_programs(train, swiglu):
     assert sum(g.count for g in plan if g.name.startswith("embed.conv")) == convs
     # attention: 2 batched products per block forward (XLA's path on the CPU), 4 more backward
     assert batched == cfg.depth * (6 if train else 2)
-    b, t, n, h = roofline.attention_shape(cfg, batch)
+    b, t, n, h = costs.attention_shape(cfg, batch)
     assert (b, t, n, h) == (batch, cfg.num_patches, cfg.num_heads, cfg.head_dim)
 
 
 def test_gemm_flops_match_the_benchmarks_count():
-    """XL/1: the plan's forward matmul FLOPs equal launch/benchmark.py's analytic count (the
-    MFU figures of BENCHMARKS.md) with attention's products added."""
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "launch/benchmark.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    """XL/1: the plan's forward matmul FLOPs equal `forward_flops`, the analytic count of the
+    MFU figures of BENCHMARKS.md, with attention's products added."""
     cfg = PRESETS["XL/1"]
-    plan = sum(g.flops for g in roofline.gemms(cfg, 1, train=False))
-    attn = roofline.attention_flops(cfg, 1, train=False)
+    plan = sum(g.flops for g in costs.gemms(cfg, 1, train=False))
+    attn = costs.attention_flops(cfg, 1, train=False)
     # the benchmark's count leaves out the timestep MLP, the final layer's adaLN and its output
     # projection (0.02% together)
     extra = 2.0 * (256 * 1152 + 1152 * 1152 + 1152 * 2304 + 256 * 1152 * 32)
-    assert plan + attn - extra == pytest.approx(bench._dit_forward_flops(cfg), rel=1e-12)
+    assert plan + attn - extra == pytest.approx(costs.forward_flops(cfg), rel=1e-12)
 
 
 def test_traffic_floor_items():
@@ -112,12 +108,12 @@ def test_traffic_floor_items():
     n = sum(
         int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract_model(cfg), nnx.Param))
     )
-    assert roofline.trainable_params(cfg) == n
-    items = roofline.traffic(cfg, 64, train=True, n_params=n)
+    assert costs.trainable_params(cfg) == n
+    items = costs.traffic(cfg, 64, train=True, n_params=n)
     opt = [v for k, v in items.items() if k.startswith("optimizer")]
     assert opt == [34.0 * n]
-    fwd64 = sum(roofline.traffic(cfg, 64, train=False).values())
-    fwd128 = sum(roofline.traffic(cfg, 128, train=False).values())
+    fwd64 = sum(costs.traffic(cfg, 64, train=False).values())
+    fwd128 = sum(costs.traffic(cfg, 128, train=False).values())
     assert fwd128 == pytest.approx(2 * fwd64)
     assert sum(items.values()) > fwd64 + 34.0 * n
     # XL/1 per token and block: forward 16d + 6n (bf16 boundary tensors) + 8d (float32 stream);
@@ -125,7 +121,7 @@ def test_traffic_floor_items():
     per_token_block = (sum(items.values()) - 34.0 * n) / (64 * 256 * 28)
     assert per_token_block == pytest.approx(60 * 1152 + 16 * 3072, rel=0.01)
     plain = dataclasses.replace(cfg, use_rope=False, use_swiglu=False)
-    keys = roofline.traffic(plain, 64, train=True, n_params=n).keys()
+    keys = costs.traffic(plain, 64, train=True, n_params=n).keys()
     assert not any("q, k" in k or "dq" in k or "SwiGLU" in k for k in keys)
     assert any("GELU" in k for k in keys)
 
@@ -137,37 +133,13 @@ def test_sampler_evaluations_follow_the_time_grid():
     t = np.linspace(0.0, 1.0, steps, dtype=np.float64)
     t = shift * t / (1 + (shift - 1) * t)
     want = int(np.sum(t[: steps - 1] >= start))
-    guided, plain = roofline.sampler_evaluations(steps, shift, start)
+    guided, plain = costs.sampler_evaluations(steps, shift, start)
     assert (guided, plain) == (want, steps - 1 - want)
     assert 0 < plain < guided
-    assert roofline.sampler_evaluations(steps, shift, 0.0) == (steps - 1, 0)
-
-
-def test_dry_run_cli(tmp_path):
-    """The command prints the plan on a CPU and refuses to measure without a GPU."""
-    out = tmp_path / "r.json"
-    cmd = [
-        sys.executable,
-        str(ROOT / "launch/roofline.py"),
-        "--train=B/1,4",
-        "--forward=B/1,8;B/1,4",
-    ]
-    r = subprocess.run([*cmd, "--dry_run", f"--out={out}"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "least other traffic" in r.stdout
-    import json
-
-    data = json.loads(out.read_text())
-    assert set(data["paths"]) == {"B/1 train b4", "B/1 forward b8", "B/1 forward b4"}
-    assert data["sampler"]["guided_calls"] + data["sampler"]["conditional_calls"] == 249
-    if jax.default_backend() != "gpu":
-        r = subprocess.run([*cmd, f"--out={out}"], capture_output=True, text=True)
-        assert r.returncode != 0 and "needs a GPU" in r.stderr
+    assert costs.sampler_evaluations(steps, shift, 0.0) == (steps - 1, 0)
 
 
 def _reference_json(path, xl=500.0, b=2500.0, cfg_fwd_s=0.1):
-    import json
-
     results = [
         dict(case="reference_train_XL/1", batch=64, img_per_s=xl),
         dict(case="reference_train_B/1", batch=256, img_per_s=b),
@@ -181,19 +153,34 @@ def _reference_json(path, xl=500.0, b=2500.0, cfg_fwd_s=0.1):
     return path
 
 
-def test_reference_json_sets_the_same_session_targets(tmp_path):
-    """Targets follow a bench_reference.py measurement; a missing case is an error naming it."""
-    ref = roofline.reference_figures(str(_reference_json(tmp_path / "ref.json")))
-    assert ref["device"] == "NVIDIA H200"
-    assert ref["XL/1 train b64"]["same_session"] == 500.0
-    assert ref["XL/1 sample b128"]["same_session"] == pytest.approx(128 / 25.0)
-    assert ref["B/1 train b256"]["design"] == roofline.REFERENCE["B/1 train b256"]["design"]
-    args = type("A", (), dict(sample_batch=128))
-    targets = roofline._targets(dict(paths={}, sampler={}), args, ref)
+def test_dry_run_cli(tmp_path):
+    """The command prints the plan on a CPU, takes its targets from a bench_reference.py
+    measurement (a missing case is an error naming it) and refuses to measure without a GPU."""
+    out = tmp_path / "r.json"
+    ref = _reference_json(tmp_path / "ref.json")
+    cmd = [sys.executable, ROOFLINE, "--train=B/1,4", "--forward=B/1,8;B/1,4"]
+    r = subprocess.run(
+        [*cmd, "--dry_run", f"--reference_json={ref}", f"--out={out}"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "least other traffic" in r.stdout and "NVIDIA H200" in r.stdout
+    data = json.loads(out.read_text())
+    assert set(data["paths"]) == {"B/1 train b4", "B/1 forward b8", "B/1 forward b4"}
+    assert data["sampler"]["guided_calls"] + data["sampler"]["conditional_calls"] == 249
+    targets = data["targets"]
     assert targets["XL/1 train b64"]["target_ms_same_session"] == pytest.approx(64 / 800 * 1e3)
     assert targets["B/1 train b256"]["target_ms_same_session"] == pytest.approx(256 / 3750 * 1e3)
     assert targets["XL/1 sample b128"]["target_s_same_session"] == pytest.approx(25.0 / 1.5)
-    bad = _reference_json(tmp_path / "bad.json")
-    bad.write_text(bad.read_text().replace("reference_train_B/1", "reference_train_B/2"))
-    with pytest.raises(SystemExit, match="reference_train_B/1"):
-        roofline.reference_figures(str(bad))
+    # the design figures stay the paper's: 64 images at 1.6 x 407 img/s
+    assert targets["XL/1 train b64"]["target_ms_design"] == pytest.approx(64 / (1.6 * 407) * 1e3)
+    bad = tmp_path / "bad.json"
+    bad.write_text(ref.read_text().replace("reference_train_B/1", "reference_train_B/2"))
+    r = subprocess.run(
+        [*cmd, "--dry_run", f"--reference_json={bad}"], capture_output=True, text=True
+    )
+    assert r.returncode != 0 and "reference_train_B/1" in r.stderr
+    if jax.default_backend() != "gpu":
+        r = subprocess.run([*cmd, f"--out={out}"], capture_output=True, text=True)
+        assert r.returncode != 0 and "needs a GPU" in r.stderr

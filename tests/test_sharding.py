@@ -64,3 +64,28 @@ def test_optimizer_init_sharded_follows_the_parameters():
     for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
         assert u.sharding.is_equivalent_to(p.sharding, p.ndim)
     assert int(opt2[0].count) == 1
+
+
+def test_import_keeps_flax_eager_sharding_and_models_build_with_it_on():
+    """Importing the packages leaves flax's global eager-sharding setting alone (it used to turn
+    it off process-wide), and the models still build outside a mesh with it on."""
+    import subprocess
+    import sys
+
+    code = (
+        "from flax import nnx\n"
+        "before = nnx.using_eager_sharding()\n"
+        "import lightningdit_jax, lightningdit_jax.train, vavae_jax, vavae_jax.train\n"
+        "assert nnx.using_eager_sharding() == before, 'import changed eager sharding'\n"
+        "nnx.use_eager_sharding(True)\n"
+        "from lightningdit_jax import model as m\n"
+        "from vavae_jax import model as vm, foundation\n"
+        "m.LightningDiT(m.PRESETS['tiny'], rngs=nnx.Rngs(0))\n"
+        "vm.AutoencoderKL(vm.AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1,\n"
+        "    attn_resolutions=(), z_channels=4, embed_dim=4, resolution=16), rngs=nnx.Rngs(0))\n"
+        "foundation.Dinov2Model(foundation.Dinov2Config(hidden_size=32, num_hidden_layers=1,\n"
+        "    num_attention_heads=2), rngs=nnx.Rngs(0))\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

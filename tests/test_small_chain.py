@@ -4,12 +4,11 @@
 written (`python3` is this interpreter; `runs/small_chain` becomes a temporary folder), then checks
 that the small configs fit each other and that every stage wrote what the next one reads. The
 other tests are quick: the presets `small` picks or keeps, checkpoint retention, and the
-`--inception=random` smoke mode of launch/evaluate.py with no padded Inception batches.
+`--inception=random` smoke mode of vavae_jax.metrics.evaluate with no padded Inception batches.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 import shlex
@@ -18,6 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from tests.conftest import load_config
 from tests.test_e2e import _Stage
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -36,17 +36,7 @@ def readme_chain_commands() -> list[list[str]]:
 
 
 def _config(name: str, arg: str) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
-def _launch(name: str):
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", ROOT / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_config(f"{name}.py", arg)
 
 
 def test_small_configs_fit_each_other():
@@ -92,10 +82,10 @@ def test_checkpoints_keep_the_last_few(name, tmp_path):
 def test_evaluate_random_inception_is_labelled_and_unpadded(
     sample_images_dir, tmp_path, monkeypatch, caplog
 ):
-    """--inception=random runs offline, warns, and says so in the JSON; 5 images in data batches
-    of 2 (the last one masked) cost exactly 5 + 5 Inception rows in one compiled shape."""
+    """inception="random" runs offline, warns, and says so in the result; 5 images in data
+    batches of 2 (the last one masked) cost exactly 5 + 5 Inception rows in one compiled shape."""
     from tests.test_sample import write_export
-    from vavae_jax.metrics import inception
+    from vavae_jax.metrics import evaluate, inception
 
     export = tmp_path / "vae"
     write_export(export)  # a random 16 px VA-VAE export
@@ -107,17 +97,11 @@ def test_evaluate_random_inception_is_labelled_and_unpadded(
         return features(graphdef, state, images)
 
     monkeypatch.setattr(inception, "_features", counting)
-    evaluate = _launch("evaluate")
-    result = evaluate.main(
-        [
-            f"--tokenizer={export}",
-            f"--data.root={sample_images_dir}",
-            "--data.resolution=32",
-            "--data.max_records=5",
-            "--batch_size=2",
-            "--inception=random",
-            "--no_progress",
-        ]
+    data_config = evaluate.eval_data_config(
+        root=str(sample_images_dir), resolution=32, max_records=5
+    )
+    result = evaluate.evaluate_tokenizer(
+        export, data_config, batch_size=2, inception="random", progress=False
     )
     assert (
         result["inception"] == inception.RANDOM_LABEL == "RANDOM WEIGHTS: numbers are meaningless"
@@ -131,15 +115,8 @@ def test_evaluate_random_inception_is_labelled_and_unpadded(
     rng = np.random.default_rng(0)
     np.savez(samples, arr_0=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
     rows.clear()
-    result = evaluate.main(
-        [
-            f"--samples={samples}",
-            f"--ref={sample_images_dir}",
-            "--data.max_records=4",
-            "--inception=random",
-            "--num_splits=2",
-            "--no_progress",
-        ]
+    result = evaluate.evaluate_samples(
+        samples, sample_images_dir, "random", num_splits=2, ref_max_records=4
     )
     assert result["inception"] == inception.RANDOM_LABEL and result["num_samples"] == 6
     assert np.isfinite(result["fid"]) and result["fid"] > 0
@@ -147,11 +124,16 @@ def test_evaluate_random_inception_is_labelled_and_unpadded(
 
 
 def test_inception_batch_is_even_and_capped():
-    evaluate = _launch("evaluate")
-    assert evaluate._inception_batch(64, 100) == 64
-    assert evaluate._inception_batch(128, 100) == 64
-    assert evaluate._inception_batch(50_000, 100) == 100
-    assert evaluate._inception_batch(0, 100) == 1
+    from vavae_jax.metrics.evaluate import inception_batch, record_limit
+
+    assert inception_batch(64, 100) == 64
+    assert inception_batch(128, 100) == 64
+    assert inception_batch(50_000, 100) == 100
+    assert inception_batch(0, 100) == 1
+    with pytest.raises(ValueError, match="must be positive"):
+        inception_batch(10, 0)
+    assert record_limit(-1, -1) == -1 and record_limit(5, -1) == 5
+    assert record_limit(-1, 3) == 3 and record_limit(5, 3) == 3 and record_limit(2, 3) == 2
 
 
 @pytest.mark.slow

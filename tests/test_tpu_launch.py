@@ -1,14 +1,16 @@
-"""launch/tpu/run_tpu.py: the gcloud command lines and the remote scripts, without a network.
+"""vavae_jax.runtime.tpu and launch/tpu/run_tpu.py: the gcloud command lines and the remote
+scripts, without a network.
 
 The remote scripts are also run here with bash against a fake home directory whose "python"
-records its arguments: what train.py would receive on a worker, quoting included.
+records its arguments: what train.py would receive on a worker, quoting included. The command
+line runs as a subprocess with --dry_run, a fake `gcloud` and `tar` first on its PATH.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
+import re
 import shlex
 import subprocess
 import sys
@@ -16,11 +18,9 @@ import time
 
 import pytest
 
+from vavae_jax.runtime import tpu as rt
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("run_tpu", ROOT / "launch/tpu/run_tpu.py")
-rt = importlib.util.module_from_spec(_spec)
-sys.modules["run_tpu"] = rt  # dataclasses look their module up there
-_spec.loader.exec_module(rt)
 
 TRICKY = [
     "--config.data.manual_dir=/mnt/data/image net",  # a space
@@ -306,22 +306,44 @@ def test_setup_mounts_buckets_with_gcsfuse():
 # ----------------------------------------------------------------------------------------------
 # The command line, dry run
 # ----------------------------------------------------------------------------------------------
-def test_dry_run_up_prints_every_step_and_runs_nothing(monkeypatch, capsys):
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"dry run ran {args}")
+def _run_tpu(args: list[str], tmp_path: pathlib.Path) -> subprocess.CompletedProcess:
+    """`python launch/tpu/run_tpu.py args`; `gcloud` and `tar` on its PATH only record that they
+    were called (a dry run must call neither)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for tool in ("gcloud", "tar"):
+        fake = bin_dir / tool
+        fake.write_text(f'#!/bin/bash\necho {tool} >> "{tmp_path}/called"\n')
+        fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return subprocess.run(
+        [sys.executable, "launch/tpu/run_tpu.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
-    monkeypatch.setattr(rt.subprocess, "run", refuse)
-    argvs = []
-    run, state = rt.Runner.run, rt.Runner.state
-    monkeypatch.setattr(
-        rt.Runner, "run", lambda self, a, s=None: (argvs.append(a), run(self, a, s))
-    )
-    monkeypatch.setattr(
-        rt.Runner,
-        "state",
-        lambda self, tpu: (argvs.append(rt.describe_command(tpu)), state(self, tpu))[1],
-    )
-    rt.main(
+
+def _printed_commands(stdout: str) -> list[list[str]]:
+    """The `+ command` lines of a dry run, split; a quoted remote script spans several lines."""
+    argvs, pending = [], None
+    for line in stdout.splitlines():
+        if pending is None and not line.startswith("+ "):
+            continue
+        pending = line[2:] if pending is None else pending + "\n" + line
+        try:
+            argvs.append(shlex.split(pending))
+        except ValueError:  # an open quote: the command goes on on the next line
+            continue
+        pending = None
+    assert pending is None, pending
+    return argvs
+
+
+def test_dry_run_up_prints_every_step_and_runs_nothing(tmp_path):
+    out = _run_tpu(
         [
             "up",
             "--name=ldit",
@@ -338,11 +360,14 @@ def test_dry_run_up_prints_every_step_and_runs_nothing(monkeypatch, capsys):
             "--",
             TRICKY[0],
             TRICKY[1],
-        ]
+        ],
+        tmp_path,
     )
-    out = capsys.readouterr().out
-    assert out.count("\n+ ") + out.startswith("+ ") == len(argvs) == 6  # each printed
-    assert "# remote script:" in out
+    assert out.returncode == 0, out.stderr
+    assert not (tmp_path / "called").exists()  # nothing ran
+    argvs = _printed_commands(out.stdout)
+    assert out.stdout.count("\n+ ") + out.stdout.startswith("+ ") == len(argvs) == 6
+    assert "# remote script:" in out.stdout
     assert [a[3:5] for a in argvs if a[0] == "gcloud"] == [
         ["tpu-vm", "describe"],
         ["tpu-vm", "create"],
@@ -350,7 +375,7 @@ def test_dry_run_up_prints_every_step_and_runs_nothing(monkeypatch, capsys):
         ["tpu-vm", "ssh"],
         ["tpu-vm", "ssh"],
     ]
-    assert argvs[2][0] == "tar"
+    assert argvs[2][0] == "tar" and argvs[2][-3:] == ["-C", str(ROOT), "."]
     create = argvs[1]
     assert "--spot" in create and "--project=p" in create
     train = shlex.split(_remote(argvs[-1]))
@@ -359,14 +384,15 @@ def test_dry_run_up_prints_every_step_and_runs_nothing(monkeypatch, capsys):
     assert words[words.index("launch/train.py") + 4 :][:3] == ["--config.seed=1", *TRICKY[:2]]
 
 
-def test_cli_errors(monkeypatch):
-    monkeypatch.setattr(rt.subprocess, "run", None)
-    with pytest.raises(SystemExit, match="--config and --workdir"):
-        rt.main(["train", "--name=x", "--zone=z", "--dry_run"])
-    with pytest.raises(SystemExit, match="--command"):
-        rt.main(["ssh", "--name=x", "--zone=z", "--dry_run"])
-    with pytest.raises(SystemExit, match="BUCKET:DIR|expected"):
-        rt.main(["setup", "--name=x", "--zone=z", "--mount=nocolon", "--dry_run"])
+def test_cli_errors(tmp_path):
+    for args, message in (
+        (["train", "--name=x", "--zone=z", "--dry_run"], "--config and --workdir"),
+        (["ssh", "--name=x", "--zone=z", "--dry_run"], "--command"),
+        (["setup", "--name=x", "--zone=z", "--mount=nocolon", "--dry_run"], "expected A:B"),
+    ):
+        out = _run_tpu(args, tmp_path)
+        assert out.returncode == 1 and message in out.stderr, (args, out.stderr)
+    assert not (tmp_path / "called").exists()
 
 
 def test_create_or_reuse_reads_the_state(monkeypatch, capsys):
@@ -398,3 +424,11 @@ def test_create_or_reuse_reads_the_state(monkeypatch, capsys):
     answers = [(0, "PREEMPTED\n", "")]
     with pytest.raises(SystemExit, match="delete it first"):
         rt.create_or_reuse(rt.Runner(dry_run=False), tpu)
+
+
+def test_documented_configs_exist():
+    """The config files the TPU guide and run_tpu.py name are the repository's own."""
+    for doc in ("launch/tpu/README.md", "launch/tpu/run_tpu.py"):
+        named = set(re.findall(r"configs/[\w.-]+\.py", (ROOT / doc).read_text()))
+        assert named, doc
+        assert all((ROOT / c).is_file() for c in named), (doc, sorted(named))

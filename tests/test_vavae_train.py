@@ -12,21 +12,19 @@ import optax
 import pytest
 from flax import nnx
 
+from tests.conftest import load_config
 from vavae_jax import discriminator as disc_lib
 from vavae_jax import foundation, losses, train
 from vavae_jax import lpips as lpips_lib
 from vavae_jax.model import AutoencoderConfig
-from vavae_jax.train_step import StepConfig, make_train_step
+from vavae_jax.train_step import StepConfig, frozen_state, make_train_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
 
 
 def tiny_config(sample_images_dir, **overrides):
     """The real config with the small-run switch, shrunk further to 32 px for the test budget."""
-    import vavae_f16d32
-
-    c = vavae_f16d32.get_config("small")
+    c = load_config("vavae_f16d32.py", "small")
     c.model.update(dict(ch=32, ch_mult=(1, 2, 2), resolution=32, attn_resolutions=(8,)))
     c.teacher.resolution = 8 * 14  # 8x8 latents <-> 8x8 teacher tokens
     c.data.update(dict(root=str(sample_images_dir), resolution=32, max_records=16))
@@ -213,17 +211,8 @@ def test_step_equals_library_functions(stage_step, use_vf):
         ema_decay=None,
         compute_dtype=jnp.float32,
     )
-    frozen = dict(lpips=nnx.state(lp), teacher=nnx.state(teacher))
-    lp_def, t_def = nnx.graphdef(lp), nnx.graphdef(teacher)
-    step = make_train_step(
-        gdef,
-        ddef,
-        lambda f, a, b, r: nnx.merge(lp_def, f["lpips"])(a, b, dropout_rng=r),
-        (lambda f, a: nnx.merge(t_def, f["teacher"])(a)) if use_vf else None,
-        sgd,
-        sgd,
-        step_cfg,
-    )
+    frozen = frozen_state(lp, teacher)
+    step = make_train_step(gdef, ddef, lp, teacher if use_vf else None, sgd, sgd, step_cfg)
     state = dict(
         gen=P,
         gen_rest=rest,
@@ -358,17 +347,15 @@ def test_nan_stops_with_last_good_checkpoint(sample_images_dir, tmp_path):
 
 
 def test_schedule_stages():
-    import vavae_f16d32
-
-    cfg = vavae_f16d32.get_config("long")
+    cfg = load_config("vavae_f16d32.py", "long")
     stages = train.make_schedule(cfg, steps_per_epoch=10)
     assert [(s.start, s.end) for s in stages] == [(0, 1000), (1000, 1150), (1150, 1300)]
     assert [s.vf_weight for s in stages] == [0.5, 0.1, 0.1]
     assert [(s.distmat_margin, s.cos_margin) for s in stages] == [(0, 0), (0, 0), (0.25, 0.5)]
     assert [s.disc_start for s in stages] == [5001, 1, 1]
     assert train.stage_at(stages, 1149).vf_weight == 0.1
-    ldm = vavae_f16d32.get_config("ldm")
+    ldm = load_config("vavae_f16d32.py", "ldm")
     assert not ldm.use_vf and ldm.loss.vf_weight == 0.0
     with pytest.raises(ValueError, match="unknown variant"):
-        vavae_f16d32.get_config("smal")
+        load_config("vavae_f16d32.py", "smal")
     assert dataclasses.is_dataclass(train.Stage)

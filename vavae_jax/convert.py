@@ -1,27 +1,27 @@
-"""Official VA-VAE PyTorch checkpoints -> our NNX modules and Orbax checkpoints.
+"""Official VA-VAE PyTorch checkpoints -> our NNX modules: the pure name and layout mapping.
 
 The official `.pt` (reference `vavae/ldm/models/autoencoder.py`, saved by Lightning) is a dict
 with `state_dict`, whose keys are LDM names (`encoder.down.0.block.0.norm1.weight`, ...) plus the
 training-only groups `loss.*` (logvar, LPIPS, discriminator), `foundation_model.*` (the timm
 DINOv2 teacher) and `linear_proj.*` (the VF reverse projection).
+
+Our own formats (export folders written from a `.pt`, trainer run folders) and the one loader of
+every tokenizer source, `load_autoencoder`, are in `vavae_jax.checkpoints`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import pathlib
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from vavae_jax.model import AutoencoderConfig, AutoencoderKL
-from vavae_jax.runtime.torch_names import ConversionError, assign, flat_params, load_torch_file
+from vavae_jax.runtime.torch_names import ConversionError, assign, load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def from_torch_state_dict(
     """Builds an `AutoencoderKL` from a PyTorch state dict (names and layouts of the reference).
 
     Keys of the training-only groups (`loss.*`, `foundation_model.*`, `linear_proj.*`) are left
-    for `convert_official` (logged); any other key that is not part of the autoencoder, any missing
+    for `convert_state_dict` (logged); any other key that is not part of the autoencoder, any missing
     weight and any shape mismatch raises a `ConversionError` listing all of them.
     """
     state_dict = dict(state_dict)
@@ -65,7 +65,7 @@ def from_torch_state_dict(
         groups = sorted({k.split(".", 1)[0] for k in training})
         log.info(
             "from_torch_state_dict: %d keys of %s belong to training state, not the "
-            "autoencoder; convert them with vavae_jax.convert.convert_official",
+            "autoencoder; convert them with vavae_jax.convert.convert_state_dict",
             len(training),
             groups,
         )
@@ -82,12 +82,8 @@ def from_torch_state_dict(
 
 
 # ---------------------------------------------------------------------------------------------
-# The whole official checkpoint -> our export directory
+# The whole official checkpoint: every group
 # ---------------------------------------------------------------------------------------------
-EXPORT_FORMAT = "vavae_jax.export/v1"
-EXPORT_JSON = "vavae_export.json"
-STATE_DIR = "state"  # Orbax checkpoint of the array pytree, under the export directory
-LPIPS_FILE = "lpips.npz"
 # What a converted checkpoint holds (each may be absent from a checkpoint but the autoencoder).
 GROUPS = ("autoencoder", "linear_proj", "logvar", "discriminator", "lpips", "teacher")
 
@@ -98,10 +94,6 @@ _PERCEPTUAL = "loss.perceptual_loss."
 _TEACHER = "foundation_model.model."
 # taming `vgg16`: slice K holds torchvision `features` indices [start, stop) under their own index.
 _VGG_SLICES = {1: (0, 4), 2: (4, 9), 3: (9, 16), 4: (16, 23), 5: (23, 30)}
-# Fields that change the parameters (dtype may differ between an export and its use).
-AUTOENCODER_ARCH_FIELDS = tuple(
-    f.name for f in dataclasses.fields(AutoencoderConfig) if f.name != "dtype"
-)
 
 
 def _split_groups(sd: Mapping[str, np.ndarray]) -> tuple[dict[str, dict[str, np.ndarray]], list]:
@@ -233,32 +225,6 @@ def _check_teacher_shapes(sd: Mapping[str, np.ndarray], cfg) -> None:
         )
 
 
-def _flat_arrays(module: nnx.Module, variable_type=nnx.Variable) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v.get_value()) for k, v in flat_params(module, variable_type).items()}
-
-
-def _nest(flat: Mapping[str, Any]) -> dict:
-    """{"a.b.0.c": x} -> {"a": {"b": {"0": {"c": x}}}} (string keys only, for Orbax)."""
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def convert_state_dict(
     state_dict: Mapping[str, Any],
     config: AutoencoderConfig,
@@ -369,338 +335,26 @@ def convert_state_dict(
     return out
 
 
-def convert_official(
-    pt_path: str | pathlib.Path,
-    out_dir: str | pathlib.Path,
-    config: AutoencoderConfig,
-    *,
-    teacher_preset="dinov2-large",
-) -> pathlib.Path:
-    """The official VA-VAE `.pt` -> our export directory (read back with `load_export`).
-
-    `out_dir/state/` Orbax checkpoint of {autoencoder, linear_proj?, logvar?, discriminator?,
-    teacher?} (dotted names as nested dicts), `out_dir/lpips.npz` (vavae_jax.lpips format) when
-    the perceptual loss is in the checkpoint, and `out_dir/vavae_export.json` (configs, teacher
-    width, which groups were present / absent, the source file).
-    """
-    import orbax.checkpoint as ocp
-
-    from vavae_jax import lpips as lpips_lib
-
-    pt_path = pathlib.Path(pt_path)
-    if not pt_path.is_file():
-        raise FileNotFoundError(f"VA-VAE checkpoint not found: {pt_path}")
-    out_dir = pathlib.Path(out_dir).resolve()
-    if (out_dir / STATE_DIR).exists() or (out_dir / EXPORT_JSON).exists():
-        raise FileExistsError(f"{out_dir} already holds an export; choose a new --out or delete it")
-    obj = load_torch_file(pt_path)
-    if not isinstance(obj, Mapping):
-        raise ConversionError(f"{pt_path} holds a {type(obj).__name__}, expected a dict")
-    conv = convert_state_dict(obj, config, teacher_preset=teacher_preset)
-    tree: dict[str, Any] = {"autoencoder": _nest(_flat_arrays(conv["autoencoder"], nnx.Param))}
-    if conv["linear_proj"] is not None:
-        tree["linear_proj"] = {"kernel": conv["linear_proj"]}
-    if conv["logvar"] is not None:
-        tree["logvar"] = conv["logvar"]
-    if conv["discriminator"] is not None:
-        tree["discriminator"] = _nest(_flat_arrays(conv["discriminator"]))
-    if conv["teacher"] is not None:
-        tree["teacher"] = _nest(_flat_arrays(conv["teacher"], nnx.Param))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(out_dir / STATE_DIR, tree)
-    checkpointer.wait_until_finished()
-    if conv["lpips"] is not None:
-        lpips_lib.save_lpips(conv["lpips"], out_dir / LPIPS_FILE)
-
-    def cfg_dict(cfg):
-        return None if cfg is None else dataclasses.asdict(cfg)
-
-    meta = {
-        "format": EXPORT_FORMAT,
-        "source": str(pt_path.resolve()),
-        "autoencoder_config": cfg_dict(config),
-        "teacher_dim": None if conv["linear_proj"] is None else conv["linear_proj"].shape[-1],
-        "present": conv["present"],
-        "absent": conv["absent"],
-        "discriminator_config": cfg_dict(conv["discriminator_config"]),
-        "teacher_config": cfg_dict(conv["teacher_config"]),
-        "lpips": LPIPS_FILE if conv["lpips"] is not None else None,
-    }
-    (out_dir / EXPORT_JSON).write_text(json.dumps(meta, indent=2, default=_json_default))
-    log.info(
-        "converted %s -> %s (present: %s; absent: %s)",
-        pt_path,
-        out_dir,
-        conv["present"],
-        conv["absent"],
-    )
-    return out_dir
-
-
-def _json_default(x):
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, tuple):
-        return list(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-def read_export_meta(out_dir: str | pathlib.Path) -> dict:
-    out_dir = pathlib.Path(out_dir)
-    path = out_dir / EXPORT_JSON
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{out_dir} is not a VA-VAE export (no {EXPORT_JSON}); create one with "
-            f"`python launch/convert.py vavae --pt=<official .pt> --out={out_dir}`"
-        )
-    meta = json.loads(path.read_text())
-    if meta.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
-    return meta
-
-
-def _fill(module: nnx.Module, flat: Mapping[str, Any], what: str, variable_type=nnx.Variable):
-    ours = flat_params(module, variable_type)
-    missing = sorted(set(ours) - set(flat))
-    unexpected = sorted(set(flat) - set(ours))
-    if missing or unexpected:
-        raise ConversionError(f"{what}: missing {missing}, unexpected {unexpected}")
-    for k, var in ours.items():
-        var.set_value(jnp.asarray(flat[k], var.dtype))
-    return module
-
-
-def load_export(out_dir: str | pathlib.Path, *, dtype: str | None = None) -> dict[str, Any]:
-    """Reads a directory written by `convert_official`.
-
-    Returns {"config": AutoencoderConfig, "autoencoder": AutoencoderKL, "linear_proj": kernel
-    [1, 1, embed_dim, T] or None, "logvar": scalar or None, "discriminator": NLayerDiscriminator
-    or None, "teacher": Dinov2Model or None, "lpips": LPIPS or None, "meta": the json}.
-    `dtype` overrides the compute dtype of the autoencoder (parameters stay float32).
-    """
-    import orbax.checkpoint as ocp
-
-    from vavae_jax import discriminator as disc_lib
-    from vavae_jax import foundation
-    from vavae_jax import lpips as lpips_lib
-
-    out_dir = pathlib.Path(out_dir).resolve()
-    meta = read_export_meta(out_dir)
-    cfg = AutoencoderConfig(**meta["autoencoder_config"])
-    if dtype is not None:
-        cfg = dataclasses.replace(cfg, dtype=dtype)
-    ae = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
-    target: dict[str, Any] = {
-        "autoencoder": _nest(
-            {
-                k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-                for k, v in flat_params(ae, nnx.Param).items()
-            }
-        )
-    }
-    if meta["teacher_dim"] is not None:
-        shape = (1, 1, cfg.embed_dim, int(meta["teacher_dim"]))
-        target["linear_proj"] = {"kernel": jax.ShapeDtypeStruct(shape, jnp.float32)}
-    if "logvar" in meta["present"]:
-        target["logvar"] = jax.ShapeDtypeStruct((), jnp.float32)
-    disc = teacher = None
-    if meta["discriminator_config"] is not None:
-        dcfg = disc_lib.DiscriminatorConfig(**meta["discriminator_config"])
-        disc = nnx.eval_shape(lambda: disc_lib.NLayerDiscriminator(dcfg, rngs=nnx.Rngs(0)))
-        target["discriminator"] = _nest(
-            {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat_params(disc).items()}
-        )
-    if meta["teacher_config"] is not None:
-        tcfg = foundation.Dinov2Config(**meta["teacher_config"])
-        teacher = nnx.eval_shape(lambda: foundation.Dinov2Model(tcfg, rngs=nnx.Rngs(0)))
-        target["teacher"] = _nest(
-            {
-                k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-                for k, v in flat_params(teacher, nnx.Param).items()
-            }
-        )
-    restored = ocp.StandardCheckpointer().restore(out_dir / STATE_DIR, target)
-    result: dict[str, Any] = {"config": cfg, "meta": meta}
-    result["autoencoder"] = _fill(ae, _flatten(restored["autoencoder"]), "autoencoder", nnx.Param)
-    result["linear_proj"] = (
-        jnp.asarray(restored["linear_proj"]["kernel"]) if "linear_proj" in restored else None
-    )
-    result["logvar"] = jnp.asarray(restored["logvar"]) if "logvar" in restored else None
-    result["discriminator"] = (
-        None if disc is None else _fill(disc, _flatten(restored["discriminator"]), "discriminator")
-    )
-    result["teacher"] = (
-        None
-        if teacher is None
-        else _fill(teacher, _flatten(restored["teacher"]), "teacher", nnx.Param)
-    )
-    result["lpips"] = (
-        lpips_lib.load_lpips_converted(out_dir / meta["lpips"]) if meta["lpips"] else None
-    )
-    return result
-
-
-def config_mismatch(saved: AutoencoderConfig, wanted: AutoencoderConfig) -> dict:
-    """{field: (saved, wanted)} over the fields that change the parameters."""
-    return {
-        f: (getattr(saved, f), getattr(wanted, f))
-        for f in AUTOENCODER_ARCH_FIELDS
-        if getattr(saved, f) != getattr(wanted, f)
-    }
-
-
-def load_trainer_workdir(workdir: str | pathlib.Path, *, dtype=None, step: int | None = None):
-    """(AutoencoderKL, reference dict) from a vavae trainer workdir: the architecture from its
-    config.json, the weights of checkpoint `step` (default: the latest), the EMA weights when
-    the run kept an EMA (config.ema.enabled), else the trained generator's. Only the
-    autoencoder is read from the checkpoint (a partial restore)."""
-    import ml_collections
-    import orbax.checkpoint as ocp
-
-    from vavae_jax import train as vae_train  # imported here: train imports this module
-    from vavae_jax.runtime import checkpoint as ckpt_lib
-
-    path = ckpt_lib.as_path(workdir)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"{workdir} has checkpoints/ but no config.json: not a vavae trainer workdir "
-            f"(launch/train.py --config=configs/vavae_f16d32.py writes both)"
-        )
-    config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-    if config.get("trainer") != "vavae":
-        raise ValueError(
-            f"{workdir} is a {config.get('trainer')!r} run, not a VA-VAE one: pass the workdir "
-            f"of launch/train.py --config=configs/vavae_f16d32.py"
-        )
-    if dtype is not None:
-        config.dtype = dtype
-    ae_cfg = vae_train.autoencoder_config(config)
-    ae = nnx.eval_shape(lambda: AutoencoderKL(ae_cfg, rngs=nnx.Rngs(0)))
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    params = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-        nnx.state(ae, nnx.Param),
-    )
-    group = "ema" if config.ema.enabled else "gen"
-    target = {group: {"autoencoder": params}}
-    ckpt = ckpt_lib.Checkpointer(path / "checkpoints", async_save=False)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no VA-VAE checkpoint in {ckpt.directory}")
-        restored = ckpt.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item=target,
-                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                    partial_restore=True,
-                )
-            ),
-        )
-    finally:
-        ckpt.close()
-    nnx.update(ae, restored["state"][group]["autoencoder"])
-    log.info("tokenizer: %s weights of %s step %d", group, workdir, step)
-    ref = dict(path=str(path), config=dataclasses.asdict(ae_cfg), step=int(step), weights=group)
-    return ae, ref
-
-
-def load_tokenizer(
+def load_official(
     path: str | pathlib.Path,
-    config: AutoencoderConfig | None = None,
+    config: AutoencoderConfig,
     *,
     skip: tuple[str, ...] = ("discriminator", "lpips", "teacher"),
 ) -> tuple[AutoencoderKL, dict[str, Any]]:
-    """An `AutoencoderKL` from our export dir or an official `.pt` (then `config` is needed).
+    """(AutoencoderKL, groups) from an official VA-VAE `.pt`, whose architecture is `config`.
 
-    Returns (model, groups) where groups is what `load_export` / `convert_state_dict` returns;
-    from a `.pt` the groups in `skip` (the training-only modules) are recognised, not converted.
-    With both an export and `config`, the architectures must match (ValueError naming fields).
+    groups is what `convert_state_dict` returns; the groups in `skip` (the training-only
+    modules) are recognised, not converted. Any path (an export folder, a run folder, a `.pt`)
+    goes through `vavae_jax.checkpoints.load_autoencoder`.
     """
     path = pathlib.Path(path)
-    if path.is_dir() and (path / "checkpoints").is_dir() and not (path / EXPORT_JSON).is_file():
-        model, ref = load_trainer_workdir(path, dtype=None if config is None else config.dtype)
-        if config is not None and (diff := config_mismatch(model.config, config)):
-            raise ValueError(
-                f"{path} trained an autoencoder with another architecture; differing fields "
-                f"(run, requested): {diff}"
-            )
-        return model, {"autoencoder": model, "config": model.config, "trainer_run": ref}
-    if path.is_dir():
-        groups = load_export(path, dtype=None if config is None else config.dtype)
-        if config is not None and (diff := config_mismatch(groups["config"], config)):
-            raise ValueError(
-                f"{path} holds an autoencoder with another architecture; differing fields "
-                f"(export, requested): {diff}"
-            )
-        return groups["autoencoder"], groups
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(
-            f"tokenizer not found: {path} (expected an export directory written by "
-            f"launch/convert.py vavae, or an official VA-VAE .pt)"
+            f"official VA-VAE checkpoint not found: {path} (folders: "
+            f"vavae_jax.checkpoints.load_autoencoder)"
         )
-    if config is None:
-        raise ValueError(f"{path} is a PyTorch checkpoint: pass its AutoencoderConfig (a preset)")
     obj = load_torch_file(path)
     if not isinstance(obj, Mapping):
         raise ConversionError(f"{path} holds a {type(obj).__name__}, expected a dict")
     groups = convert_state_dict(obj, config, skip=skip)
     return groups["autoencoder"], groups
-
-
-def _set_like(var: nnx.Variable, value) -> None:
-    old = var.get_value()
-    value = jnp.asarray(value, old.dtype)
-    if tuple(value.shape) != tuple(old.shape):
-        raise ValueError(f"shape {tuple(value.shape)} does not match {tuple(old.shape)}")
-    if isinstance(old, jax.Array) and hasattr(old, "sharding"):
-        value = jax.device_put(value, old.sharding)
-    var.set_value(value)
-
-
-def load_into_generator(gen: nnx.Module, path: str | pathlib.Path, ae_cfg: AutoencoderConfig):
-    """Initialises a trainer `Generator` (autoencoder, linear_proj, logvar) from an official
-    `.pt` or our export directory (`--config.init_from=`). The autoencoder architecture must
-    equal `ae_cfg` (a ValueError names the differing fields); a checkpoint without the VF
-    projection or logvar leaves those at their initial values (logged), never silently."""
-    path = pathlib.Path(path)
-    if path.is_dir():
-        saved = AutoencoderConfig(**read_export_meta(path)["autoencoder_config"])
-        if diff := config_mismatch(saved, ae_cfg):
-            raise ValueError(
-                f"init_from={path}: the export's autoencoder differs from the configured one; "
-                f"(export, config): {diff}. Set --config.model.* to match, or use another export"
-            )
-    _, groups = load_tokenizer(path, ae_cfg)
-    src = flat_params(groups["autoencoder"], nnx.Param)
-    dst = flat_params(gen.autoencoder, nnx.Param)
-    if set(src) != set(dst):
-        raise ConversionError(
-            f"init_from={path}: parameter names differ: only in checkpoint "
-            f"{sorted(set(src) - set(dst))[:10]}, only in model {sorted(set(dst) - set(src))[:10]}"
-        )
-    for k, var in dst.items():
-        _set_like(var, src[k].get_value())
-    has_proj = hasattr(gen, "linear_proj")
-    if has_proj and groups["linear_proj"] is not None:
-        want = tuple(gen.linear_proj.kernel.get_value().shape)
-        got = tuple(np.shape(groups["linear_proj"]))
-        if want != got:
-            raise ValueError(
-                f"init_from={path}: linear_proj kernel {got} (teacher width {got[-1]}) does not "
-                f"match the configured teacher's {want} (width {want[-1]}); use the teacher the "
-                f"checkpoint was trained with"
-            )
-        _set_like(gen.linear_proj.kernel, groups["linear_proj"])
-    elif has_proj:
-        log.warning("init_from=%s has no linear_proj: the VF projection keeps its init", path)
-    elif groups["linear_proj"] is not None:
-        log.warning("init_from=%s: linear_proj not used (this run has no VF loss)", path)
-    if groups["logvar"] is not None:
-        _set_like(gen.logvar, groups["logvar"])
-    else:
-        log.warning("init_from=%s has no loss.logvar: logvar keeps its init", path)
-    log.info("init_from=%s: loaded autoencoder%s", path, " + linear_proj" if has_proj else "")

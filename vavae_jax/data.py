@@ -34,7 +34,7 @@ import io
 import logging
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -42,10 +42,9 @@ import jax
 import ml_collections
 import numpy as np
 from absl import flags
-from jax.sharding import Mesh, NamedSharding
 from PIL import Image
 
-from vavae_jax.runtime import sharding as sharding_lib
+from vavae_jax.runtime.batches import LoaderIterator, make_global_batch  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -331,40 +330,23 @@ class _Finish(grain.transforms.RandomMap):
 # ---------------------------------------------------------------------------------------------
 # Iterators
 # ---------------------------------------------------------------------------------------------
-class DataIterator(Iterator[dict[str, np.ndarray]]):
-    """A grain DataLoader iterator that also counts skipped images.
+class DataIterator(LoaderIterator):
+    """The training iterator (`batches.LoaderIterator`) that also counts skipped images.
 
     Batches are dicts of per-host numpy arrays: `image` [B, H, W, 3] float32 in [-1, 1],
-    `label` [B] int32, `index` [B] int64 (record index in the source; -1 for padding) and, from
-    the evaluation iterator, `mask` [B] bool. `get_state`/`set_state` (and `start_prefetch`) are
-    grain's, so `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` accept it.
+    `label` [B] int32, `index` [B] int64 (record index in the source).
     """
 
     def __init__(self, loader: grain.DataLoader, num_records: int, per_host_batch: int):
-        self._loader = loader
-        self._it = iter(loader)
-        self.num_records = num_records
-        self.per_host_batch = per_host_batch
+        super().__init__(loader, num_records, per_host_batch)
         self.skipped = 0
 
-    def __iter__(self) -> DataIterator:
-        return self
-
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self._it)
+        batch = super().__next__()
         skipped = int(np.sum(batch.pop("skipped")))
         self.skipped += skipped
         _TOTAL_SKIPPED[0] += skipped
         return batch
-
-    def get_state(self) -> bytes:
-        return self._it.get_state()
-
-    def set_state(self, state: bytes) -> None:
-        self._it.set_state(state)
-
-    def start_prefetch(self) -> None:
-        self._it.start_prefetch()
 
 
 def _shard_options(shard_index: int | None, shard_count: int | None) -> grain.sharding.ShardOptions:
@@ -658,36 +640,3 @@ def make_eval_iterator(
     expected = range(min(lo, len(source)), min(hi, len(source)))
     it = EvalIterator(loader, len(source), per_host, num_batches - start_batch, expected)
     return it, len(source)
-
-
-# ---------------------------------------------------------------------------------------------
-# Global batches
-# ---------------------------------------------------------------------------------------------
-def make_global_batch(
-    local_batch: Mapping[str, np.ndarray],
-    mesh: Mesh,
-    shardings: NamedSharding | Mapping[str, NamedSharding] | None = None,
-) -> dict[str, jax.Array]:
-    """Per-host arrays -> global jax arrays, the batch axis split over (`data`, `fsdp`).
-
-    `shardings` defaults to `sharding.batch_sharding(mesh, ndim)` for each array; the global
-    batch is `process_count` times the local one, hosts in process order.
-    """
-    n_local = len(mesh.local_devices)
-    out = {}
-    for key, x in local_batch.items():
-        x = np.asarray(x)
-        if isinstance(shardings, Mapping):
-            sh = shardings[key]
-        elif shardings is not None:
-            sh = shardings
-        else:
-            sh = sharding_lib.batch_sharding(mesh, max(x.ndim, 1))
-        if shardings is None and (x.ndim == 0 or x.shape[0] % n_local):
-            raise ValueError(
-                f"batch[{key!r}] has shape {x.shape}: its leading (batch) axis must be a "
-                f"multiple of the {n_local} devices of this host. Choose global_batch_size as a "
-                f"multiple of the device count {mesh.size}."
-            )
-        out[key] = jax.make_array_from_process_local_data(sh, x)
-    return out

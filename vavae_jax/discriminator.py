@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vavae_jax.runtime import sharding as _sharding  # noqa: F401  (eager sharding off)
+from vavae_jax.runtime import sharding as _sharding
 from vavae_jax.runtime.torch_names import flat_params, raise_on_mismatch
 
 CONV_AXES = (None, None, "conv_in", "conv_out")
@@ -71,8 +71,8 @@ def _conv(cin: int, cout: int, stride: int, use_bias: bool, dtype, rngs: nnx.Rng
         dtype=dtype,
         param_dtype=jnp.float32,
         # weights_init: Conv weights ~ normal(0, 0.02)
-        kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), CONV_AXES),
-        bias_init=nnx.with_partitioning(_torch_bias_init(cin * 16), ("conv_out",)),
+        kernel_init=_sharding.partitioned(nnx.initializers.normal(0.02), CONV_AXES),
+        bias_init=_sharding.partitioned(_torch_bias_init(cin * 16), ("conv_out",)),
         rngs=rngs,
     )
 

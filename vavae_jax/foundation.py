@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import pathlib
 import re
 from collections.abc import Mapping
@@ -43,8 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vavae_jax.interpolate import bicubic_matrix, resize_bilinear
 from vavae_jax.runtime import attention
-from vavae_jax.runtime import sharding as _sharding  # noqa: F401  (eager sharding off)
+from vavae_jax.runtime import sharding as _sharding
 from vavae_jax.runtime.torch_names import ConversionError, assign
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -159,100 +159,6 @@ HUB_IDS = {name: f"facebook/{name}" for name in PRESETS}
 
 
 # ---------------------------------------------------------------------------------------------
-# Resampling exactly as torch.nn.functional.interpolate(align_corners=False) does it.
-# jax.image.resize antialiases when downsampling and uses other cubic coefficients, so the
-# weights are built here (numpy, at trace time) from torch's formulas, in float32 as torch
-# computes them (aten/src/ATen/native/UpSample.h: area_pixel_compute_source_index,
-# guard_index_and_lambda, get_cubic_upsample_coefficients; UpSampleKernel.cpp:
-# _compute_indices_min_size_weights_aa). Rounded differently, a source index moves the weights
-# by up to 1.5e-5 (300 -> 224), and a bilinear resize by up to 1e-4.
-# ---------------------------------------------------------------------------------------------
-
-_F32 = np.float32
-
-
-def _source_index(in_size: int, out_size: int, *, clamp_negative: bool) -> np.ndarray:
-    scale = _F32(in_size) / _F32(out_size)
-    # `scale * (i + 0.5) - 0.5` is compiled to one fused multiply-add (x86 CPU and CUDA builds):
-    # exact in float64 for these operands, then rounded once to float32.
-    real = (np.float64(scale) * (np.arange(out_size) + 0.5) - 0.5).astype(_F32)
-    return np.maximum(real, _F32(0)) if clamp_negative else real
-
-
-def _guard(real: np.ndarray, in_size: int) -> tuple[np.ndarray, np.ndarray]:
-    index = np.minimum(np.floor(real).astype(np.int64), in_size - 1)
-    return index, np.clip(real - index.astype(_F32), _F32(0), _F32(1))
-
-
-def linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """torch bilinear (align_corners=False, no antialias) on one axis: (1-w) x[i0] + w x[i1]."""
-    i0, w = _guard(_source_index(in_size, out_size, clamp_negative=True), in_size)
-    i1 = np.where(i0 < in_size - 1, i0 + 1, i0)
-    return i0, i1, w
-
-
-def _cubic_conv1(x, a):
-    return ((a + 2) * x - (a + 3)) * x * x + 1
-
-
-def _cubic_conv2(x, a):
-    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-
-def bicubic_matrix(in_size: int, out_size: int, *, antialias: bool) -> np.ndarray:
-    """`[out, in]` float32 weights of torch bicubic interpolation (align_corners=False)."""
-    m = np.zeros((out_size, in_size), _F32)
-    rows = np.arange(out_size)
-    if not antialias:  # upsample_bicubic2d: Keys a=-0.75, 4 taps, indices clamped to the border
-        a = _F32(-0.75)
-        index, t = _guard(_source_index(in_size, out_size, clamp_negative=False), in_size)
-        one, two = _F32(1), _F32(2)
-        coeffs = (_cubic_conv2(t + one, a), _cubic_conv1(t, a), _cubic_conv1(one - t, a))
-        coeffs = (*coeffs, _cubic_conv2(two - t, a))
-        for k, c in enumerate(coeffs):
-            np.add.at(m, (rows, np.clip(index + k - 1, 0, in_size - 1)), c)
-        return m
-    # _upsample_bicubic2d_aa: Keys a=-0.5 stretched by the scale when downsampling, renormalised
-    a = _F32(-0.5)
-
-    def keys(x):
-        x = np.abs(x)
-        return np.where(x < 1, _cubic_conv1(x, a), np.where(x < 2, _cubic_conv2(x, a), _F32(0)))
-
-    scale = _F32(in_size) / _F32(out_size)
-    support = _F32(2) * scale if scale >= 1 else _F32(2)
-    invscale = _F32(1) / scale if scale >= 1 else _F32(1)
-    max_taps = int(math.ceil(support)) * 2 + 1
-    half = _F32(0.5)
-    for i in range(out_size):
-        center = scale * (_F32(i) + half)
-        xmin = max(int(center - support + half), 0)  # C++ truncation toward zero, then max 0
-        xsize = min(int(center + support + half), in_size) - xmin
-        xsize = min(max(xsize, 0), max_taps)
-        j = np.arange(xsize, dtype=_F32)
-        w = keys((j + _F32(xmin) - center + half) * invscale).astype(_F32)
-        total = _F32(0)
-        for v in w:  # torch sums the weights sequentially in float32
-            total = _F32(total + v)
-        m[i, xmin : xmin + xsize] = w / total if total != 0 else w
-    return m
-
-
-def resize_bilinear(images: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """`F.interpolate(x, size, mode="bilinear", align_corners=False)` (no antialias) on NHWC."""
-    x = images
-    for axis, out in ((1, size[0]), (2, size[1])):
-        if x.shape[axis] == out:
-            continue  # torch's weights are then exactly (1, 0): the identity
-        i0, i1, w = linear_taps(x.shape[axis], out)
-        shape = [1] * x.ndim
-        shape[axis] = out
-        w = jnp.asarray(w.reshape(shape), x.dtype)
-        x = jnp.take(x, i0, axis=axis) * (1 - w) + jnp.take(x, i1, axis=axis) * w
-    return x
-
-
-# ---------------------------------------------------------------------------------------------
 # The model (transformers models/dinov2/modeling_dinov2.py, same module names)
 # ---------------------------------------------------------------------------------------------
 
@@ -270,8 +176,8 @@ def _linear(cin: int, cout: int, axes: tuple[str, str], rngs: nnx.Rngs, dtype, *
         use_bias=bias,
         dtype=dtype,
         param_dtype=jnp.float32,
-        kernel_init=nnx.with_partitioning(_INIT, axes),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
+        kernel_init=_sharding.partitioned(_INIT, axes),
+        bias_init=_sharding.partitioned(nnx.initializers.zeros_init(), (axes[1],)),
         rngs=rngs,
     )
 
@@ -284,14 +190,14 @@ def _layer_norm(cfg: Dinov2Config, rngs: nnx.Rngs) -> nnx.LayerNorm:
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         use_fast_variance=False,
-        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)),
+        scale_init=_sharding.partitioned(nnx.initializers.ones_init(), ("embed",)),
+        bias_init=_sharding.partitioned(nnx.initializers.zeros_init(), ("embed",)),
         rngs=rngs,
     )
 
 
 def _param(init, axes, rngs: nnx.Rngs, shape) -> nnx.Param:
-    return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, jnp.float32))
+    return nnx.Param(_sharding.partitioned(init, axes)(rngs.params(), shape, jnp.float32))
 
 
 class Dinov2PatchEmbeddings(nnx.Module):
@@ -307,8 +213,8 @@ class Dinov2PatchEmbeddings(nnx.Module):
             padding="VALID",
             dtype=jnp.dtype(cfg.dtype),
             param_dtype=jnp.float32,
-            kernel_init=nnx.with_partitioning(_INIT, (None, None, None, "embed")),
-            bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)),
+            kernel_init=_sharding.partitioned(_INIT, (None, None, None, "embed")),
+            bias_init=_sharding.partitioned(nnx.initializers.zeros_init(), ("embed",)),
             rngs=rngs,
         )
 

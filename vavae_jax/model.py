@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from vavae_jax.runtime import attention
+from vavae_jax.runtime import sharding as _sharding
 from vavae_jax.runtime.sharding import constrain_batch
 
 CONV_AXES = (None, None, "conv_in", "conv_out")
@@ -91,8 +92,8 @@ def _conv(cin: int, cout: int, k: int, rngs: nnx.Rngs, dtype, *, stride: int = 1
         padding=padding,
         dtype=dtype,
         param_dtype=jnp.float32,
-        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), CONV_AXES),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",)),
+        kernel_init=_sharding.partitioned(nnx.initializers.lecun_normal(), CONV_AXES),
+        bias_init=_sharding.partitioned(nnx.initializers.zeros_init(), ("conv_out",)),
         rngs=rngs,
     )
 

@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -30,7 +29,7 @@ from vavae_jax import foundation
 from vavae_jax import lpips as lpips_lib
 from vavae_jax import model as model_lib
 from vavae_jax.runtime import checkpoint as ckpt_lib
-from vavae_jax.runtime import compile_log, sharding
+from vavae_jax.runtime import compile_log, sharding, trainer
 from vavae_jax.runtime.logging import MetricWriter, image_grid, save_png
 from vavae_jax.runtime.loop import (  # noqa: F401  (re-exported)
     LoopControl,
@@ -40,7 +39,12 @@ from vavae_jax.runtime.loop import (  # noqa: F401  (re-exported)
     progress_bar,
     restore_or_init,
 )
-from vavae_jax.train_step import Generator, StepConfig, make_train_step
+from vavae_jax.train_step import (  # noqa: F401  (frozen_state re-exported)
+    Generator,
+    StepConfig,
+    frozen_state,
+    make_train_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +53,8 @@ log = logging.getLogger(__name__)
 # Models
 # ---------------------------------------------------------------------------------------------
 def compute_dtype(config, platform: str | None = None) -> jnp.dtype:
-    """config.dtype; "auto" is bfloat16 on GPU/TPU, float32 on CPU. `platform` is the target's
-    (a compile-only TPU mesh on a CPU host), by default JAX's backend."""
-    if config.dtype == "auto":
-        platform = platform or jax.default_backend()
-        return jnp.bfloat16 if platform in ("gpu", "tpu") else jnp.float32
-    return jnp.dtype(config.dtype)
+    """`trainer.compute_dtype` as a jnp dtype."""
+    return jnp.dtype(trainer.compute_dtype(config, platform))
 
 
 def autoencoder_config(config, *, platform: str | None = None) -> model_lib.AutoencoderConfig:
@@ -76,25 +76,12 @@ def autoencoder_config(config, *, platform: str | None = None) -> model_lib.Auto
 
 
 def validate_config(config, mesh) -> None:
-    n_dev = mesh.devices.size
-    if config.global_batch_size % n_dev:
-        raise ValueError(
-            f"global_batch_size={config.global_batch_size} is not divisible by the {n_dev} "
-            f"devices; use a multiple of {n_dev} (e.g. --config.global_batch_size="
-            f"{max(n_dev, config.global_batch_size // n_dev * n_dev)})"
-        )
-    if config.global_batch_size % jax.process_count():
-        raise ValueError(
-            f"global_batch_size={config.global_batch_size} is not divisible by "
-            f"{jax.process_count()} processes"
-        )
+    trainer.validate_config(config, mesh)
     if config.data.resolution != config.model.resolution:
         raise ValueError(
             f"data.resolution={config.data.resolution} differs from "
             f"model.resolution={config.model.resolution}"
         )
-    if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype={config.dtype!r}: expected auto, float32, bfloat16 or float16")
 
 
 # Teacher shapes for smoke runs only (random weights); real runs load facebook/dinov2-*.
@@ -267,66 +254,18 @@ def stage_at(stages: list[Stage], step: int) -> Stage:
 # ---------------------------------------------------------------------------------------------
 # The step, its state and their shardings: one builder for `run` and AOT compiles
 # ---------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class TrainStep:
-    """The train step with its state layout and shardings on a mesh, built from shapes only.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainStep(trainer.TrainStep):
+    """`trainer.TrainStep` of the VA-VAE: `fn(state, frozen, batch, rng_bits, hparams)`.
 
-    `run` jits it on real devices; `build_abstract_step` hands the same pieces to an
-    ahead-of-time compile for devices that may not exist here. State: dict(gen, gen_rest, disc,
-    disc_stats, opt_g, opt_d, step[, ema]), weights and Adam moments sharded by the logical
-    rules, scalars replicated. The frozen LPIPS / teacher states are replicated.
+    State: dict(gen, gen_rest, disc, disc_stats, opt_g, opt_d, step[, ema]), weights and Adam
+    moments sharded by the logical rules, scalars replicated. `frozen` holds the states of LPIPS
+    and the teacher (replicated); `hparams` the traced stage settings (`_hparams`).
     """
 
-    fn: Callable  # (state, frozen, batch, rng_bits, hparams) -> (state, metrics); not jitted
     gen_def: nnx.GraphDef
     ae_config: model_lib.AutoencoderConfig
-    init: Callable  # key -> initial state (pure: jit it with out_shardings=state_sharding)
     optimizer_init: Callable  # (gen params, disc params) -> (opt_g, opt_d), pure
-    abstract_state: dict[str, Any]  # jax.ShapeDtypeStruct leaves carrying their shardings
-    state_sharding: dict[str, Any]
-    abstract_frozen: dict[str, Any]
-    abstract_batch: dict[str, jax.ShapeDtypeStruct]  # the global batch
-    batch_sharding: dict[str, jax.sharding.NamedSharding]
-    abstract_rng: jax.ShapeDtypeStruct  # raw key data (jax.random.key_data of a key)
-    abstract_hparams: dict[str, jax.ShapeDtypeStruct]
-    replicated: jax.sharding.NamedSharding
-    donate_argnums: tuple[int, ...] = (0,)  # the state is updated in place
-
-    @property
-    def in_shardings(self):
-        r = self.replicated
-        return (self.state_sharding, r, self.batch_sharding, r, r)
-
-    @property
-    def out_shardings(self):
-        return (self.state_sharding, self.replicated)
-
-    @property
-    def abstract_args(self):
-        return (
-            self.abstract_state,
-            self.abstract_frozen,
-            self.abstract_batch,
-            self.abstract_rng,
-            self.abstract_hparams,
-        )
-
-    def jit(self):
-        return jax.jit(
-            self.fn,
-            in_shardings=self.in_shardings,
-            out_shardings=self.out_shardings,
-            donate_argnums=self.donate_argnums,
-        )
-
-    def compile(self):
-        """The step compiled ahead of time from `abstract_args`: needs no array, so it can
-        overlap the state's initialisation. Call it with arrays in exactly these shardings."""
-        return self.jit().lower(*self.abstract_args).compile()
-
-    def init_state(self, key: jax.Array) -> dict[str, Any]:
-        """The initial state, each array created directly in its sharding."""
-        return jax.jit(self.init, out_shardings=self.state_sharding)(key)
 
     def reset_optimizers(self, state: dict[str, Any]) -> dict[str, Any]:
         """Fresh Adam states for the current weights (a stage boundary), in their shardings."""
@@ -347,8 +286,8 @@ def build_step(config, mesh, lp, teacher) -> TrainStep:
     disc_cfg = disc_lib.DiscriminatorConfig(
         input_nc=ae_cfg.out_ch, ndf=config.loss.disc_ndf, n_layers=config.loss.disc_num_layers
     )
-    tx_g = make_optimizer(config.optim.lr, config.optim)
-    tx_d = make_optimizer(config.optim.disc_lr, config.optim)
+    tx_g = trainer.make_optimizer(config.optim.lr, config.optim)
+    tx_d = trainer.make_optimizer(config.optim.disc_lr, config.optim)
     step_cfg = StepConfig(
         kl_weight=config.loss.kl_weight,
         perceptual_weight=config.loss.perceptual_weight,
@@ -401,20 +340,11 @@ def build_step(config, mesh, lp, teacher) -> TrainStep:
     state_sh = sharding.state_shardings(shapes, mesh, config.sharding)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-    lp_def = nnx.graphdef(lp)
-    t_def = nnx.graphdef(teacher) if teacher is not None else None
-
-    def lpips_fn(frozen_state, a, b, dropout_rng):
-        return nnx.merge(lp_def, frozen_state["lpips"])(a, b, dropout_rng=dropout_rng)
-
-    def teacher_fn(frozen_state, x):
-        return nnx.merge(t_def, frozen_state["teacher"])(x)
-
     step_fn = make_train_step(
         nnx.graphdef(gen),
         nnx.graphdef(disc),
-        lpips_fn,
-        teacher_fn if config.use_vf else None,
+        lp,
+        teacher if config.use_vf else None,
         tx_g,
         tx_d,
         step_cfg,
@@ -432,32 +362,30 @@ def build_step(config, mesh, lp, teacher) -> TrainStep:
     r, b = ae_cfg.resolution, int(config.global_batch_size)
     batch_sh = {"image": sharding.batch_sharding(mesh, 4)}
     hparams = jax.eval_shape(lambda: _hparams(make_schedule(config, 1)[0], 0))
+    abstract_batch = {
+        "image": jax.ShapeDtypeStruct(
+            (b, r, r, ae_cfg.in_channels), jnp.float32, sharding=batch_sh["image"]
+        )
+    }
+    abstract_rng = jax.ShapeDtypeStruct(
+        abstract_bits.shape, abstract_bits.dtype, sharding=replicated
+    )
     return TrainStep(
         fn=vavae_train_step,
+        init=init,
+        abstract_state=trainer.with_shardings(shapes, state_sh),
+        state_sharding=state_sh,
+        abstract_inputs=(
+            trainer.with_shardings(frozen, replicated),
+            abstract_batch,
+            abstract_rng,
+            trainer.with_shardings(hparams, replicated),
+        ),
+        replicated=replicated,
         gen_def=nnx.graphdef(gen),
         ae_config=ae_cfg,
-        init=init,
         optimizer_init=optimizer_init,
-        abstract_state=_with_shardings(shapes, state_sh),
-        state_sharding=state_sh,
-        abstract_frozen=_with_shardings(frozen, replicated),
-        abstract_batch={
-            "image": jax.ShapeDtypeStruct(
-                (b, r, r, ae_cfg.in_channels), jnp.float32, sharding=batch_sh["image"]
-            )
-        },
-        batch_sharding=batch_sh,
-        abstract_rng=jax.ShapeDtypeStruct(
-            abstract_bits.shape, abstract_bits.dtype, sharding=replicated
-        ),
-        abstract_hparams=_with_shardings(hparams, replicated),
-        replicated=replicated,
     )
-
-
-def frozen_state(lp, teacher) -> dict[str, Any]:
-    """The step's `frozen` argument: the states of LPIPS and the teacher."""
-    return dict(lpips=nnx.state(lp), teacher=nnx.state(teacher) if teacher is not None else {})
 
 
 def build_abstract_step(config, mesh):
@@ -470,19 +398,7 @@ def build_abstract_step(config, mesh):
     """
     validate_config(config, mesh)
     lp, teacher = abstract_frozen(config, compute_dtype(config, mesh.devices.flat[0].platform))
-    step = build_step(config, mesh, lp, teacher)
-    return step.fn, step.abstract_args, step.in_shardings, step.out_shardings, step.donate_argnums
-
-
-def _with_shardings(tree, shardings):
-    """jax.ShapeDtypeStructs of `tree`'s arrays carrying `shardings` (a tree or one sharding)."""
-    if isinstance(shardings, jax.sharding.Sharding):
-        return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree
-        )
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-    )
+    return build_step(config, mesh, lp, teacher).abstract()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -612,14 +528,6 @@ def _hparams(stage: Stage, stage_step: int) -> dict[str, jax.Array]:
     )
 
 
-def make_optimizer(lr: float, optim) -> optax.GradientTransformation:
-    """torch.optim.Adam(lr, betas=(b1, b2), eps) as the reference; optional global-norm clip."""
-    tx = optax.adam(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
-    if optim.grad_clip_norm > 0:
-        tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), tx)
-    return tx
-
-
 def _write_grid(gen_def, state, images, writer, workdir_path, step) -> None:
     gen = nnx.merge(gen_def, state.get("ema", state["gen"]), state["gen_rest"])
     rec = _reconstruct(gen.autoencoder, images)
@@ -638,7 +546,8 @@ def _reconstruct(ae, images):
 
 
 def init_generator_from(gen: Generator, path: str, ae_cfg) -> None:
-    """Loads autoencoder (and VF projection) weights from an official `.pt` or our export."""
-    from vavae_jax import convert
+    """Loads autoencoder, VF projection and logvar weights from an official `.pt`, our export
+    folder or a VA-VAE trainer run folder."""
+    from vavae_jax import checkpoints
 
-    convert.load_into_generator(gen, path, ae_cfg)
+    checkpoints.load_into_generator(gen, path, ae_cfg)

@@ -24,7 +24,6 @@ reference's two, two, two and one (and it needs no host round trip).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -34,6 +33,7 @@ from flax import nnx
 
 from vavae_jax import losses
 from vavae_jax import model as model_lib
+from vavae_jax.runtime import sharding as _sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +77,7 @@ class Generator(nnx.Module):
                 use_bias=False,
                 dtype=jnp.dtype(ae_config.dtype),
                 param_dtype=jnp.float32,
-                kernel_init=nnx.with_partitioning(
+                kernel_init=_sharding.partitioned(
                     nnx.initializers.lecun_normal(), model_lib.CONV_AXES
                 ),
                 rngs=rngs,
@@ -100,24 +100,42 @@ def _kernel_grad(grads, path: tuple[str, ...]) -> jax.Array:
     return node.get_value() if isinstance(node, nnx.Variable) else node
 
 
+def frozen_state(lpips: nnx.Module, teacher: nnx.Module | None) -> dict[str, Any]:
+    """The step's `frozen` argument: the states of LPIPS and the teacher ({} without one)."""
+    return dict(lpips=nnx.state(lpips), teacher=nnx.state(teacher) if teacher is not None else {})
+
+
 def make_train_step(
     gen_def: nnx.GraphDef,
     disc_def: nnx.GraphDef,
-    lpips_fn: Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array],
-    teacher_fn: Callable[[Any, jax.Array], jax.Array] | None,
+    lpips: nnx.Module,
+    teacher: nnx.Module | None,
     tx_g: optax.GradientTransformation,
     tx_d: optax.GradientTransformation,
     cfg: StepConfig,
 ):
     """Returns `step(state, frozen, batch, rng, hparams) -> (state, metrics)`.
 
+    lpips, teacher: the frozen networks (LPIPS and the DINOv2 teacher; `teacher` None without the
+            VF loss), real or abstract (`nnx.eval_shape`): only their structure is kept; their
+            weights travel in `frozen` (`frozen_state(lpips, teacher)`), so one compiled step
+            serves any weights.
     state: dict(gen=Param state, gen_rest=other generator variables, disc=Param state,
                 disc_stats=BatchStat state, opt_g, opt_d, step[, ema])
-    frozen: states of the frozen networks, handed to `lpips_fn(frozen, x, y, dropout_rng)` and
-            `teacher_fn(frozen, x)`
     hparams: dict(vf_weight, distmat_margin, cos_margin, disc_start, stage_step) scalars that
              may change between stages without recompiling
     """
+    if cfg.use_vf and teacher is None:
+        raise ValueError("make_train_step: StepConfig.use_vf is True but no teacher was given")
+    lp_def = nnx.graphdef(lpips)
+    t_def = nnx.graphdef(teacher) if cfg.use_vf else None
+
+    def lpips_fn(frozen, a, b, dropout_rng):
+        return nnx.merge(lp_def, frozen["lpips"])(a, b, dropout_rng=dropout_rng)
+
+    def teacher_fn(frozen, a):
+        return nnx.merge(t_def, frozen["teacher"])(a)
+
     cdt = cfg.compute_dtype
 
     def gen_module(params, rest):

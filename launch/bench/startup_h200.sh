@@ -8,7 +8,7 @@
 #         save_pretrained folder and launch/convert.py's LPIPS file, both random-weight), then
 #         the latents of its tokenizer by launch/extract_latents.py with default flags.
 # part c: latents of a random small tokenizer (16x16x32, as XL/1 expects), the LightningDiT
-#         XL/1 trainer at batch 64 on them, and launch/benchmark.py's XL/1 b64 step.
+#         XL/1 trainer at batch 64 on them, and launch/bench/benchmark.py's XL/1 b64 step.
 set -euo pipefail
 part=$1; out=$2; images=${3:-../shared/data/imagenet-sample-256}
 bench="python3 launch/bench/startup.py --log_dir=$out"
@@ -45,6 +45,6 @@ elif [ "$part" = c ]; then
  --workdir=runs/su_dit --config.data.data_dir=runs/su_latents_small --config.global_batch_size=64 \
  --config.model.remat_policy=none --config.total_steps=300 --config.log_every_steps=50 \
  --config.progress_bar=False"
-  python3 launch/benchmark.py --iters=20 --only=dit_train --dit_train="XL/1,64,bfloat16,none,loop" \
+  python3 launch/bench/benchmark.py --iters=20 --only=dit_train --dit_train="XL/1,64,bfloat16,none,loop" \
     --out="$out/startup_c_benchmark.json"
 fi

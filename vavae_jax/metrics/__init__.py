@@ -25,7 +25,6 @@ from vavae_jax.metrics.inception import (
     from_torch_state_dict,
     load_inception,
     random_inception,
-    resize_bilinear_torch,
     save_inception,
 )
 
@@ -45,7 +44,6 @@ __all__ = [
     "psnr",
     "random_inception",
     "reference_statistics",
-    "resize_bilinear_torch",
     "save_inception",
     "save_statistics",
     "ssim",

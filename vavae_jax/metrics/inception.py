@@ -33,7 +33,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from vavae_jax.interpolate import resize_bilinear
 from vavae_jax.runtime import sharding
+from vavae_jax.runtime import sharding as _sharding
 from vavae_jax.runtime.torch_names import assign, flat_params, load_torch_file
 
 CONV_AXES = (None, None, "conv_in", "conv_out")
@@ -87,7 +89,7 @@ class Conv2d(nnx.Module):
 
     def __init__(self, cin, cout, kernel_size, *, stride, padding, init: _Init, config):
         kh, kw = _pair(kernel_size)
-        self.kernel = nnx.Param(init.kernel((kh, kw, cin, cout)), out_sharding=CONV_AXES)
+        self.kernel = _sharding.param(init.kernel((kh, kw, cin, cout)), CONV_AXES)
         ph, pw = _pair(padding)
         self.strides, self.padding = _pair(stride), ((ph, ph), (pw, pw))
         self.dtype, self.precision = config.dtype, config.precision
@@ -108,8 +110,8 @@ class BatchNorm2d(nnx.Module):
     """torch BatchNorm2d in eval mode (running statistics), in float32."""
 
     def __init__(self, channels: int, eps: float):
-        self.scale = nnx.Param(np.ones(channels, np.float32), out_sharding=("conv_out",))
-        self.bias = nnx.Param(np.zeros(channels, np.float32), out_sharding=("conv_out",))
+        self.scale = _sharding.param(np.ones(channels, np.float32), ("conv_out",))
+        self.bias = _sharding.param(np.zeros(channels, np.float32), ("conv_out",))
         self.mean = nnx.BatchStat(np.zeros(channels, np.float32))
         self.var = nnx.BatchStat(np.ones(channels, np.float32))
         self.eps = eps
@@ -137,8 +139,8 @@ class Linear(nnx.Module):
     """torch Linear; kernel [in, out]."""
 
     def __init__(self, cin: int, cout: int, init: _Init):
-        self.kernel = nnx.Param(init.kernel((cin, cout)), out_sharding=("embed", "vocab"))
-        self.bias = nnx.Param(np.zeros(cout, np.float32), out_sharding=("vocab",))
+        self.kernel = _sharding.param(init.kernel((cin, cout)), ("embed", "vocab"))
+        self.bias = _sharding.param(np.zeros(cout, np.float32), ("vocab",))
 
     def __call__(self, x):
         hi = jax.lax.Precision.HIGHEST
@@ -306,48 +308,6 @@ class FIDInceptionE_2(_FIDInceptionE):  # noqa: N801  (reference class name)
 
 
 # --------------------------------------------------------------------------------------------
-# Resize as torch's F.interpolate(mode="bilinear", align_corners=False, antialias=False)
-# --------------------------------------------------------------------------------------------
-
-
-def _torch_bilinear_indices(in_size: int, out_size: int):
-    """Source indices and weights of ATen's `compute_source_index_and_lambda` (float32 math)."""
-    dst = np.arange(out_size, dtype=np.float32)
-    if in_size == out_size:
-        idx = dst.astype(np.int32)
-        return idx, idx, np.zeros(out_size, np.float32)
-    scale = np.float32(in_size) / np.float32(out_size)
-    # `scale * (dst + 0.5) - 0.5` with one rounding to float32, as ATen's CPU kernel computes it
-    # (a fused multiply-add); two roundings move a few source positions by one float32 ulp.
-    src = (np.float64(scale) * (dst.astype(np.float64) + 0.5) - 0.5).astype(np.float32)
-    src = np.maximum(src, np.float32(0))
-    i0 = np.minimum(np.floor(src).astype(np.int32), in_size - 1)
-    lam1 = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
-    i1 = np.where(i0 < in_size - 1, i0 + 1, i0).astype(np.int32)
-    return i0, i1, lam1
-
-
-def resize_bilinear_torch(x, out_h: int, out_w: int):
-    """[B, H, W, C] -> [B, out_h, out_w, C], equal to torch's bilinear (align_corners=False).
-
-    `jax.image.resize` antialiases when downsampling and differs from torch; this reproduces the
-    torch kernel to float32 rounding: two taps per axis at half-pixel centres, the source index
-    clamped at 0, the same float32 source positions and weights.
-    """
-    _, h, w, _ = x.shape
-    h0, h1, lh = _torch_bilinear_indices(h, out_h)
-    w0, w1, lw = _torch_bilinear_indices(w, out_w)
-    lw1 = jnp.asarray(lw)[None, None, :, None]
-    lh1 = jnp.asarray(lh)[None, :, None, None]
-
-    def along_w(rows):
-        return jnp.take(rows, w0, axis=2) * (1 - lw1) + jnp.take(rows, w1, axis=2) * lw1
-
-    top, bottom = along_w(jnp.take(x, h0, axis=1)), along_w(jnp.take(x, h1, axis=1))
-    return top * (1 - lh1) + bottom * lh1
-
-
-# --------------------------------------------------------------------------------------------
 # The network
 # --------------------------------------------------------------------------------------------
 
@@ -387,7 +347,7 @@ class FIDInceptionV3(nnx.Module):
         cfg = self.config
         x = x.astype(jnp.float32)
         if cfg.resize_input:
-            x = resize_bilinear_torch(x, 299, 299)  # [B, 299, 299, 3]
+            x = resize_bilinear(x, (299, 299))  # [B, 299, 299, 3]
         if cfg.normalize_input:
             x = 2 * x - 1
         x = x.astype(jnp.dtype(cfg.dtype))

@@ -24,6 +24,7 @@ counts a loop body once: for a model scanned over its layers they are a lower bo
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -361,6 +362,43 @@ def compile_report(
     # XLA's cost analysis counts a while loop's body once, whatever its trip count: a model
     # scanned over its layers (nnx.scan) is undercounted by about the number of layers.
     report["flops_loops_counted_once"] = bool(re.search(r"\bwhile\(", compiled.as_text() or ""))
+    return report
+
+
+def check_config(
+    config,
+    topology: str,
+    build_abstract_step: Callable,
+    *,
+    global_batch: int | None = None,
+    gpu_target_config: str | None = None,
+    hbm_bytes: int | None = None,
+) -> dict[str, Any]:
+    """A trainer's config on `topology` (launch/compile_check.py): builds the mesh of
+    config.mesh, asks the trainer's `build_abstract_step(config, mesh)` hook for the step and
+    returns `compile_report`'s report with the topology, mesh, batch and sharding added.
+    `config` is left alone (`global_batch` overrides config.global_batch_size in a copy)."""
+    config = copy.deepcopy(config)
+    if global_batch is not None:
+        with config.unlocked():
+            config.global_batch_size = global_batch
+    mesh = abstract_mesh_for(
+        topology, data=config.mesh.data, fsdp=config.mesh.fsdp, gpu_target_config=gpu_target_config
+    )
+    if config.global_batch_size % mesh.devices.size:
+        raise ValueError(
+            f"global batch {config.global_batch_size} is not divisible by the {mesh.devices.size} "
+            f"devices of {topology}: choose a multiple of {mesh.devices.size}"
+        )
+    # No mesh context here: the hook receives the mesh and gives every sharding explicitly.
+    fn, args, in_sh, out_sh, donate = build_abstract_step(config, mesh)
+    report = compile_report(fn, args, in_sh, out_sh, donate, hbm_bytes=hbm_bytes)
+    report.update(
+        topology=topology,
+        mesh={k: int(v) for k, v in mesh.shape.items()},
+        global_batch_size=int(config.global_batch_size),
+        sharding=config.get("sharding"),
+    )
     return report
 
 

@@ -5,9 +5,10 @@ the mesh axes `data` and `fsdp` through rules. Parameters are never materialised
 `create_sharded` traces the constructor with `nnx.eval_shape`, derives the shardings from the
 annotations and runs the real initialisation under `jax.jit(..., out_shardings=...)`.
 
-Eager sharding is switched off at import (`nnx.use_eager_sharding(False)`): with it on, flax 0.12
-refuses to build an annotated `nnx.Param` outside a mesh context, which would make every model
-unusable on a plain CPU without ceremony. We shard explicitly instead.
+The models' annotated variables are made with `partitioned` / `param`, which switch off flax's
+eager sharding for those variables alone: with it on, flax 0.12 refuses to build an annotated
+`nnx.Param` outside a mesh context, which would make every model unusable on a plain CPU without
+ceremony. We shard explicitly instead, and flax's global setting stays the user's.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
-
-nnx.use_eager_sharding(False)
 
 MESH_AXES = ("data", "fsdp")
 
@@ -50,6 +49,17 @@ RULES = {
 }
 
 M = TypeVar("M", bound=nnx.Module)
+
+
+def partitioned(initializer, axes: tuple[str | None, ...]):
+    """`nnx.with_partitioning(initializer, axes)` for a model's weight: logical axis names,
+    sharded later by `state_shardings` (never eagerly, whatever `nnx.use_eager_sharding` says)."""
+    return nnx.with_partitioning(initializer, axes, eager_sharding=False)
+
+
+def param(value, axes: tuple[str | None, ...]) -> nnx.Param:
+    """An `nnx.Param` annotated with logical axis names (see `partitioned`)."""
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:

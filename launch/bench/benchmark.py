@@ -1,6 +1,7 @@
 """Measures the hot paths at real sizes with random weights and data; prints a table, writes JSON.
 
-  python launch/benchmark.py --only=matmul,vae_codec,vae_train,dit_train,dit_sample --out=bench.json
+  python launch/bench/benchmark.py --only=matmul,vae_codec,vae_train,dit_train,dit_sample \\
+      --out=bench.json
 
 Each case: compile once (reported apart), warm up, then time `--iters` calls, each synchronised
 with `block_until_ready`, and report the median. Model FLOPs per image come from XLA's cost
@@ -19,12 +20,12 @@ import sys
 import time
 from collections.abc import Callable
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+from lightningdit_jax.costs import forward_flops
 
 RESULTS: list[dict] = []
 PROFILES: dict[str, dict] = {}
@@ -210,7 +211,7 @@ def bench_vae_train(args, peak):
     from vavae_jax import foundation
     from vavae_jax import lpips as lpips_lib
     from vavae_jax.model import PRESETS
-    from vavae_jax.train_step import Generator, StepConfig, make_train_step
+    from vavae_jax.train_step import Generator, StepConfig, frozen_state, make_train_step
 
     for dtype in args.vae_train_dtypes.split(","):
         cdt = jnp.dtype(dtype)
@@ -240,17 +241,8 @@ def bench_vae_train(args, peak):
             ema_decay=None,
             compute_dtype=cdt,
         )
-        lp_def, t_def = nnx.graphdef(lp), nnx.graphdef(teacher)
-        step = make_train_step(
-            gdef,
-            ddef,
-            lambda f, a, b, r, d=lp_def: nnx.merge(d, f["lpips"])(a, b, dropout_rng=r),
-            lambda f, a, d=t_def: nnx.merge(d, f["teacher"])(a),
-            tx,
-            tx,
-            cfg,
-        )
-        frozen = dict(lpips=nnx.state(lp), teacher=nnx.state(teacher))
+        step = make_train_step(gdef, ddef, lp, teacher, tx, tx, cfg)
+        frozen = frozen_state(lp, teacher)
         state = dict(
             gen=P,
             gen_rest=rest,
@@ -329,7 +321,7 @@ def _dit_model(preset, dtype, layers="scan"):
     gdef, params, rest = nnx.split(model, nnx.Param, ...)
     # adaLN-zero leaves the gates and the final layer at zero, so the blocks would add nothing
     # and the output would be zero: give the zero leaves small random values instead, so that
-    # every kernel sees real data and outputs can be compared (e.g. by launch/flag_sweep.py).
+    # every kernel sees real data and outputs can be compared (e.g. by launch/bench/flag_sweep.py).
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(7), len(leaves))
     leaves = [
@@ -355,20 +347,15 @@ def bench_dit_train(args, peak):
 def _dit_train_case(args, peak, spec):
     """The trainer's own step (`lightningdit_jax.train.build_step`: the config's loss, AdamW,
     EMA and the metrics it logs), on random latents, data parallel over `--num_devices`."""
-    import importlib.util
-
     from lightningdit_jax import train as dit_train
-    from vavae_jax.runtime import sharding
+    from vavae_jax.runtime import cli, sharding
 
     preset, b, dtype, remat, *layers = spec.split(",")
     layers = layers[0] if layers else "scan"
     if layers not in ("scan", "loop"):
         raise SystemExit(f"{spec}: layers={layers!r}, expected scan or loop")
-    path = pathlib.Path(__file__).resolve().parents[1] / "configs/lightningdit_xl_vavae_f16d32.py"
-    module_spec = importlib.util.spec_from_file_location("dit_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(preset)
+    path = pathlib.Path(__file__).resolve().parents[2] / "configs/lightningdit_xl_vavae_f16d32.py"
+    config = cli.config_from_file(f"{path}:{preset}")
     n = args.num_devices
     config.global_batch_size = int(b) * n  # the spec's batch is per device
     config.dtype = dtype
@@ -409,7 +396,7 @@ def _dit_train_case(args, peak, spec):
         compile_s=compile_s,
         median_s=statistics.median(times),
         min_s=min(times),
-        flops=3 * _dit_forward_flops(mcfg) * gb,
+        flops=3 * forward_flops(mcfg) * gb,
     )
     record(
         name,
@@ -428,20 +415,6 @@ def _dit_train_case(args, peak, spec):
 
     maybe_profile(args, name, again)
     del state, holder
-
-
-def _dit_forward_flops(cfg) -> float:
-    """Matmul FLOPs of one forward per image (2 per multiply-add): attention projections, QK^T,
-    AV, MLP; embeddings and adaLN included."""
-    n = (cfg.input_size // cfg.patch_size) ** 2
-    d = cfg.hidden_size
-    if cfg.use_swiglu:
-        h = int(2 / 3 * cfg.mlp_ratio * d)
-        mlp = 3 * d * h
-    else:
-        mlp = 2 * d * int(cfg.mlp_ratio * d)
-    per_block = n * (4 * d * d + mlp) + 2 * n * n * d + 6 * d * d
-    return 2.0 * (cfg.depth * per_block + n * cfg.in_channels * cfg.patch_size**2 * d)
 
 
 def bench_dit_sample(args, peak):
@@ -474,7 +447,7 @@ def bench_dit_sample(args, peak):
             t = time.perf_counter()
             jax.block_until_ready(run(steps))
             times.append(time.perf_counter() - t)
-        fwd = _dit_forward_flops(cfg)
+        fwd = forward_flops(cfg)
         # model evaluations: steps-1 Euler steps; t < 0.1 runs B, the rest 2B (CFG)
         r = dict(
             compile_s=compile_s, median_s=statistics.median(times), min_s=min(times), flops=None
@@ -506,7 +479,7 @@ def bench_dit_forward(args, peak):
             return nnx.merge(gdef, params, rest)(x, t, y)
 
         r = timeit(fwd, (params, x, t, y), args.iters)
-        r["flops"] = _dit_forward_flops(cfg) * b
+        r["flops"] = forward_flops(cfg) * b
         name = f"dit_forward_{preset.replace('/', '')}_{dtype}_{layers}_b{b}"
         save_hlo(args, name, r["compiled"])
         out = np.asarray(r["out"], np.float64)

@@ -1,7 +1,8 @@
 """Front-door messages of the scripts that take `--config=FILE[:variants]` (ml_collections
 config_flags under absl): a mistyped field or variant, and --help.
 
-    app.run(main, flags_parser=config_cli.parse_flags)
+    from vavae_jax.runtime import cli
+    app.run(main, flags_parser=cli.parse_flags)
 
 - A mistyped override (`--config.optim.lrr=1`) or variant (`--config=FILE.py:smal`) prints one
   or two lines naming it and the nearest valid names, and exits with status 2 (a usage error),
@@ -91,6 +92,15 @@ def load_config(config_arg: str, *, name: str = "config"):
         return (module.get_config(variant) if sep else module.get_config()), None
     except ValueError as e:
         return None, _variant_message(config_arg, name, path, variant, str(e))
+
+
+def config_from_file(config_arg: str):
+    """The config of `FILE[:variants]` as `--config=FILE[:variants]` gives it before overrides
+    (tests and benchmarks build their configs this way); ValueError naming a bad file or variant."""
+    config, message = load_config(config_arg)
+    if message is not None:
+        raise ValueError(message.removeprefix("error: --config="))
+    return config
 
 
 def _variant_message(config_arg, name, path, variant, error: str) -> str:

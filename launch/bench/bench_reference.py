@@ -1,6 +1,6 @@
 """Times the PyTorch reference (hustvl/LightningDiT) on this GPU, for side-by-side ratios.
 
-  python launch/bench_reference.py --ref_dir=/path/to/LightningDiT --out=ref.json
+  python launch/bench/bench_reference.py --ref_dir=/path/to/LightningDiT --out=ref.json
 
 The reference is not part of this project: pass the folder of a checkout of
 github.com/hustvl/LightningDiT (only its models/ and transport/ packages are imported). Measured
@@ -18,6 +18,8 @@ stand-in module is registered so that the import succeeds.
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
+import importlib.util
 import json
 import pathlib
 import statistics
@@ -44,6 +46,19 @@ def _stub_fairscale() -> None:
             "fairscale.nn.model_parallel.layers": layers,
         }
         sys.modules.update(mods)
+
+
+def _import_reference(ref: pathlib.Path) -> None:
+    """Imports the checkout's models/ and transport/ packages under their own names, as its
+    train.py sees them (they import each other as `models.x`, `transport.x`), without putting
+    the checkout on sys.path."""
+    for name in ("models", "transport"):
+        spec = importlib.machinery.PathFinder.find_spec(name, [str(ref)])
+        if spec is None:
+            raise SystemExit(f"--ref_dir={ref}: no {name}/ package there")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
 
 
 def _model(torch, models, preset: str):
@@ -135,8 +150,8 @@ def main():
     ref = pathlib.Path(args.ref_dir).resolve()
     if not (ref / "models" / "lightningdit.py").is_file():
         raise SystemExit(f"--ref_dir={ref}: no models/lightningdit.py there")
-    sys.path.insert(0, str(ref))
     _stub_fairscale()
+    _import_reference(ref)
     import torch
     from models.lightningdit import LightningDiT_models
     from transport import create_transport

@@ -1,8 +1,8 @@
-"""Runs `launch/benchmark.py` once per XLA flag variant (each in its own process, since XLA
+"""Runs `launch/bench/benchmark.py` once per XLA flag variant (each in its own process, since XLA
 reads XLA_FLAGS once) and prints one table: time per call, and how far each variant's outputs
 are from the first variant's (the forward's relative L2 error, the train step's loss).
 
-  python launch/flag_sweep.py --out_dir=/tmp/sweep -- --only=dit_train,dit_forward \
+  python launch/bench/flag_sweep.py --out_dir=/tmp/sweep -- --only=dit_train,dit_forward \
       --dit_train="XL/1,64,bfloat16,none,loop" --dit_forward="XL/1,256,bfloat16,loop" --iters=10
 
 Variants are `name=flags` pairs separated by ';' (`--variants`); the first is the baseline

@@ -1,0 +1,89 @@
+"""vavae_jax.checkpoints: our tokenizer formats and the one loader, `load_autoencoder`."""
+
+import json
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from vavae_jax import checkpoints
+from vavae_jax import model as vae_model
+from vavae_jax.runtime import checkpoint as ckpt_lib
+from vavae_jax.train_step import Generator
+
+TINY = vae_model.AutoencoderConfig(
+    ch=32,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(),
+    z_channels=4,
+    embed_dim=4,
+    resolution=16,
+)
+
+
+def _fake_run(workdir: pathlib.Path, *, ema: bool, teacher_dim: int | None) -> Generator:
+    """A VA-VAE trainer run folder: config.json and a checkpoint whose state holds the
+    generator (and its EMA copy) as the trainer saves them."""
+    gen = Generator(TINY, teacher_dim, 0.25, rngs=nnx.Rngs(3))
+    params = nnx.state(gen, nnx.Param)
+    state = {"gen": params, "step": jnp.zeros((), jnp.int32)}
+    if ema:
+        state["ema"] = jax.tree.map(lambda x: x + 1.0, params)
+    model = {f: getattr(TINY, f) for f in checkpoints.AUTOENCODER_ARCH_FIELDS}
+    config = dict(trainer="vavae", dtype="float32", model=model, ema=dict(enabled=ema))
+    workdir.mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps(config))
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
+    ckpt.save(5, state, config=config)
+    ckpt.close()
+    return gen
+
+
+def _params(module):
+    return jax.tree.leaves(nnx.to_pure_dict(nnx.state(module, nnx.Param)))
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_run_folder_loads_and_initialises_a_generator(tmp_path, ema):
+    saved = _fake_run(tmp_path / "run", ema=ema, teacher_dim=6)
+    shift = 1.0 if ema else 0.0
+    ae, info = checkpoints.load_autoencoder(tmp_path / "run")
+    assert info["ref"] == dict(
+        path=str(tmp_path / "run"),
+        config=info["ref"]["config"],
+        step=5,
+        weights="ema" if ema else "gen",
+    )
+    assert checkpoints.autoencoder_config(info["ref"]["config"]) == TINY
+    for got, want in zip(_params(ae), _params(saved.autoencoder)):
+        np.testing.assert_array_equal(got, np.asarray(want) + shift)
+    # init_from a run folder: the autoencoder, the VF projection and logvar.
+    gen = Generator(TINY, 6, 0.0, rngs=nnx.Rngs(9))
+    checkpoints.load_into_generator(gen, tmp_path / "run", TINY)
+    for got, want in zip(_params(gen), _params(saved)):
+        np.testing.assert_array_equal(got, np.asarray(want) + shift)
+    other = vae_model.AutoencoderConfig(**{**TINY.__dict__, "ch": 64})
+    with pytest.raises(ValueError, match=r"run's autoencoder differs.*'ch': \(32, 64\)"):
+        checkpoints.load_into_generator(gen, tmp_path / "run", other)
+    with pytest.raises(ValueError, match="PyTorch checkpoint: pass its AutoencoderConfig"):
+        (tmp_path / "x.pt").write_bytes(b"")
+        checkpoints.load_autoencoder(tmp_path / "x.pt")
+
+
+def test_checkpoint_modules_import_one_way():
+    """convert (the PyTorch mapping) and checkpoints (our formats) never import the trainer,
+    not even inside a function; the trainer reaches checkpoints, never convert."""
+    root = pathlib.Path(__file__).resolve().parents[1] / "vavae_jax"
+    trainer = re.compile(r"from vavae_jax import (.*\b)?train\b(?!_)|import vavae_jax\.train\b")
+    for name in ("convert.py", "checkpoints.py"):
+        assert not trainer.search((root / name).read_text()), name
+    assert not re.search(r"\bconvert\b", (root / "train.py").read_text())
+    to_checkpoints = re.compile(
+        r"from vavae_jax(\.checkpoints)? import .*checkpoints|vavae_jax\.checkpoints import"
+    )
+    assert not to_checkpoints.search((root / "convert.py").read_text())
