@@ -286,10 +286,14 @@ def run(
         )
     train_step = build_step(config, mesh, mcfg)
     graphdef, batch_sh = train_step.graphdef, train_step.batch_sharding
-    compiling = compile_log.InBackground(train_step.compile, "compile-train-step")
 
     # ---- resume or initialise ----------------------------------------------------------------
     ckpt = ckpt_lib.Checkpointer(workdir_path / "checkpoints", max_to_keep=config.keep_checkpoints)
+    compiling = []  # the step's ahead-of-time compile, started once the run goes ahead
+
+    def start_compile():
+        compiling.append(compile_log.InBackground(train_step.compile, "compile-train-step"))
+
     state, start_step = restore_or_init(
         ckpt,
         train_step.abstract_state,
@@ -297,8 +301,9 @@ def run(
         data_iterator=train_iter,
         config=config,
         workdir=workdir_path,
+        on_ready=start_compile,
     )
-    jit_step = compiling.result()
+    jit_step = compiling[0].result()
 
     # ---- loop --------------------------------------------------------------------------------
     writer = MetricWriter(workdir_path / "logs")

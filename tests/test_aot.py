@@ -276,7 +276,7 @@ def _new_live_arrays(before: set[int]) -> list:
     return [a for a in jax.live_arrays() if id(a) not in before]
 
 
-@pytest.mark.parametrize("trainer", ["lightningdit", "vavae"])
+@pytest.mark.parametrize("trainer", ["lightningdit", pytest.param("vavae", marks=pytest.mark.slow)])
 def test_trainer_hook_compiles_the_real_step(trainer):
     """launch/compile_check.py's path: config -> mesh -> the trainer's hook -> compile report."""
     hook = importlib.import_module(f"{TRAINER_PACKAGES[trainer]}.train").build_abstract_step
@@ -311,6 +311,7 @@ def test_trainer_hook_compiles_the_real_step(trainer):
     assert state_bytes["fsdp"] < 0.4 * state_bytes["dp"], state_bytes
 
 
+@pytest.mark.slow
 def test_lightningdit_xl1_full_size_compiles_from_shapes():
     """XL/1 at the paper's global batch 1024 with fsdp=8 on 8 CPU devices: nothing allocated,
     the ~10 GiB of state (weights, EMA, two Adam moments) split eight ways."""
@@ -338,6 +339,7 @@ def test_lightningdit_xl1_full_size_compiles_from_shapes():
     assert all(r[k] >= 0 for k in MEMORY_FIELDS) and r["flops_loops_counted_once"]
 
 
+@pytest.mark.slow
 def test_vavae_hook_reads_no_weights():
     """The full-size VA-VAE hook takes the teacher's shapes from teacher.preset (dinov2-large)
     and LPIPS's from its class: no download, no file, although lpips.path is empty and the

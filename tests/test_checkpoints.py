@@ -49,6 +49,7 @@ def _params(module):
 
 
 @pytest.mark.parametrize("ema", [False, True])
+@pytest.mark.slow
 def test_run_folder_loads_and_initialises_a_generator(tmp_path, ema):
     saved = _fake_run(tmp_path / "run", ema=ema, teacher_dim=6)
     shift = 1.0 if ema else 0.0

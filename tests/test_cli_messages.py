@@ -76,6 +76,7 @@ def test_help_lists_the_config_fields_and_defaults():
 
 
 # ---- logs a person can read -------------------------------------------------------------------
+@pytest.mark.slow
 def test_plain_log_lines_completion_and_finished_run(tmp_path, caplog):
     write_latents(tmp_path / "latents")
     cfg = dit_tiny_config(tmp_path / "latents")  # progress_bar=False, log every step, 4 steps

@@ -168,6 +168,7 @@ def test_convert_cli_roundtrip_autoencoder(official, export_dir):
     assert meta["discriminator_config"]["n_layers"] == 2
 
 
+@pytest.mark.slow
 def test_convert_cli_roundtrip_losses_and_teacher(official, export_dir):
     loaded = checkpoints.load_export(export_dir)
     rng = np.random.default_rng(0)
@@ -216,6 +217,7 @@ def test_init_from_official_and_export(official, export_dir):
         checkpoints.load_into_generator(abstract, official["path"], other)
 
 
+@pytest.mark.slow
 def test_convert_rejects_other_models_and_missing_files(official, tmp_path):
     def convert_official(pt: str, out: str, preset: str = "f16d32"):  # the CLI's default
         return checkpoints.convert_official(tmp_path / pt, tmp_path / out, PRESETS[preset])
@@ -243,6 +245,7 @@ def test_convert_rejects_other_models_and_missing_files(official, tmp_path):
         checkpoints.load_export(tmp_path)
 
 
+@pytest.mark.slow
 def test_evaluate_tokenizer_cli(export_dir, sample_images_dir, tmp_path):
     from vavae_jax.metrics import FIDInceptionV3, save_inception
 

@@ -101,6 +101,7 @@ def test_normalize_denormalize_exact_inverses():
         np.testing.assert_allclose(back64, z, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     write_latents(tmp_path / "latents")
     cfg = tiny_config(tmp_path / "latents")
@@ -166,6 +167,7 @@ def test_trainer_model_takes_flash_attention_on_gpu(monkeypatch):
         assert impl == "cudnn", (value, impl)
 
 
+@pytest.mark.slow
 def test_training_loss_gradient_finite_at_zero_output():
     """Regression: at initialisation the output layer is zero, so the cosine term sees a zero
     vector; its gradient must be finite (torch's cosine_similarity clamps the norm too)."""

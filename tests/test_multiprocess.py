@@ -178,6 +178,7 @@ def _writes(tmp, tag, i, workdir) -> list[str]:
     return [os.path.relpath(p, workdir) for p in paths if p.startswith(str(workdir) + os.sep)]
 
 
+@pytest.mark.slow
 def test_two_processes_stop_resume_equal_one_process(tmp_path):
     import jax
 

@@ -100,6 +100,7 @@ def _assert_mesh_and_sharding(results, kernel_of) -> None:
     }
 
 
+@pytest.mark.slow
 def test_lightningdit_dp_and_fsdp_equal_one_device(tmp_path):
     from lightningdit_jax import train
 

@@ -63,6 +63,7 @@ def _read_all(out_dir, index):
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
+@pytest.mark.slow
 def test_extract_with_default_workers_every_record_once_flips_included(sample_images_dir, tmp_path):
     """The data config's default worker count (8): every record and class arrives exactly once,
     and each latent pair is the encoding of its image and of the image's flip. (With batching

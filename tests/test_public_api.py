@@ -24,6 +24,7 @@ def readme_api_snippet() -> str:
     return text.split(README_MARKER, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
 
 
+@pytest.mark.slow
 def test_readme_snippet_runs():
     namespace: dict = {"__name__": "readme_snippet"}
     exec(compile(readme_api_snippet(), "README.md (public API snippet)", "exec"), namespace)

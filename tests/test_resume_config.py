@@ -80,7 +80,7 @@ def _config_json(workdir):
     "trainer, field, old, new",
     [
         # a listed architecture field: the autoencoder's width
-        ("vavae", "model.ch", 32, 64),
+        pytest.param("vavae", "model.ch", 32, 64, marks=pytest.mark.slow),
         # not listed (a dropout probability), yet 0 removes the null-label row: the state says so
         ("lightningdit", "model.class_dropout_prob", 0.1, 0.0),
     ],
@@ -120,7 +120,7 @@ def test_data_pipeline_change_grain_cannot_restore_is_one_clear_error(
 
 
 # ---- accepted: logged and recorded -----------------------------------------------------------
-@pytest.mark.parametrize("trainer", ["vavae", "lightningdit"])
+@pytest.mark.parametrize("trainer", [pytest.param("vavae", marks=pytest.mark.slow), "lightningdit"])
 def test_lr_change_is_logged_recorded_and_in_config_json(trainer, request, tmp_path, caplog):
     module, fixture = TRAINERS[trainer]
     workdir, make_config = _copy(request.getfixturevalue(fixture), tmp_path)

@@ -81,6 +81,7 @@ def run(tmp_path_factory):
     return dict(tmp=tmp, workdir=str(tmp / "run"), export=export, ae=ae)
 
 
+@pytest.mark.slow
 def test_kill_and_rerun_equals_uninterrupted(run):
     tmp, workdir = run["tmp"], run["workdir"]
     kw = dict(num_samples=N, batch_size=CHUNK, seed=3, progress=False, **KW)

@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from lightningdit_jax import model as model_lib
@@ -66,6 +67,7 @@ def test_optimizer_init_sharded_follows_the_parameters():
     assert int(opt2[0].count) == 1
 
 
+@pytest.mark.slow
 def test_import_keeps_flax_eager_sharding_and_models_build_with_it_on():
     """Importing the packages leaves flax's global eager-sharding setting alone (it used to turn
     it off process-wide), and the models still build outside a mesh with it on."""

@@ -1,38 +1,19 @@
-"""The README's "whole chain on a CPU in minutes", command for command, and its pieces.
-
-`test_readme_small_chain` parses the bash block of that README section and runs each command as
-written (`python3` is this interpreter; `runs/small_chain` becomes a temporary folder), then checks
-that the small configs fit each other and that every stage wrote what the next one reads. The
-other tests are quick: the presets `small` picks or keeps, checkpoint retention, and the
-`--inception=random` smoke mode of vavae_jax.metrics.evaluate with no padded Inception batches.
-"""
+"""The pieces of the README's "whole chain on a CPU in minutes" (tests/test_e2e.py runs the
+chain itself): the small configs fit each other, the presets `small` picks or keeps, checkpoint
+retention, and the `--inception=random` smoke mode of vavae_jax.metrics.evaluate with no padded
+Inception batches."""
 
 from __future__ import annotations
 
-import json
 import pathlib
-import shlex
 
 import ml_collections
 import numpy as np
 import pytest
 
 from tests.conftest import load_config
-from tests.test_e2e import _Stage
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-README_MARKER = "<!-- tests/test_small_chain.py runs this block"
-RUNS = "runs/small_chain"
-
-
-def readme_chain_commands() -> list[list[str]]:
-    """The commands of the README's small-chain block, continuation lines joined, split."""
-    text = (ROOT / "README.md").read_text()
-    if README_MARKER not in text:
-        raise AssertionError(f"README.md lost the marked block ({README_MARKER!r})")
-    block = text.split(README_MARKER, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
-    lines = block.replace("\\\n", " ").splitlines()
-    return [shlex.split(line) for line in lines if line.strip() and not line.startswith("#")]
 
 
 def _config(name: str, arg: str) -> ml_collections.ConfigDict:
@@ -79,6 +60,7 @@ def test_checkpoints_keep_the_last_few(name, tmp_path):
     ckpt.close()
 
 
+@pytest.mark.slow
 def test_evaluate_random_inception_is_labelled_and_unpadded(
     sample_images_dir, tmp_path, monkeypatch, caplog
 ):
@@ -134,53 +116,3 @@ def test_inception_batch_is_even_and_capped():
         inception_batch(10, 0)
     assert record_limit(-1, -1) == -1 and record_limit(5, -1) == 5
     assert record_limit(-1, 3) == 3 and record_limit(5, 3) == 3 and record_limit(2, 3) == 2
-
-
-@pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:Sharding info not provided when restoring")
-def test_readme_small_chain(sample_images_dir, tmp_path):
-    from lightningdit_jax import data as latent_data
-    from lightningdit_jax.train import load_meta
-    from vavae_jax.metrics.inception import RANDOM_LABEL
-
-    commands = readme_chain_commands()
-    assert [c[1] for c in commands] == [
-        "launch/train.py",
-        "launch/extract_latents.py",
-        "launch/train.py",
-        "launch/sample.py",
-        "launch/evaluate.py",
-        "launch/evaluate.py",
-    ]
-    assert all(c[0] == "python3" for c in commands)
-    assert not any(a.startswith("--worker_count") for c in commands for a in c)
-    runs = tmp_path / "small_chain"
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    times: dict[str, float] = {}
-    for i, cmd in enumerate(commands):
-        args = [a.replace(RUNS, str(runs)) for a in cmd[2:]]
-        name = f"{i}_{pathlib.Path(cmd[1]).stem}"
-        stage = _Stage(name, pathlib.Path(cmd[1]).name, args, logs, times)
-        stage.wait()
-    print("\nREADME small chain stage times (s):", {k: round(v, 1) for k, v in times.items()})
-
-    index = latent_data.load_index(str(runs / "latents"))
-    assert index["shape"] == [2, 16, 16, 32] and index["num_classes"] <= 1000
-    assert index["num_records"] > 0
-    meta = load_meta(str(runs / "dit"))
-    assert meta["model_preset"] == "tiny/2" and meta["step"] == 40
-    assert meta["latent_shape"] == [16, 16, 32]
-    with np.load(runs / "samples" / "samples_32.npz") as f:
-        assert f["arr_0"].shape == (32, 64, 64, 3) and f["arr_0"].dtype == np.uint8
-    fid = json.loads((runs / "fid.json").read_text())
-    assert fid["inception"] == RANDOM_LABEL and fid["num_samples"] == 32
-    assert np.isfinite(fid["fid"]) and np.isfinite(fid["inception_score"])
-    tok = json.loads((runs / "tokenizer.json").read_text())
-    assert tok["inception"] == RANDOM_LABEL and tok["num_images"] == 32
-    assert np.isfinite(tok["rfid"]) and tok["psnr"] > 0
-    if index["num_records"] != 1000:
-        pytest.fail(
-            f"extract_latents kept {index['num_records']} of the 1000 sample images (the known "
-            f"record loss with grain workers); the rest of the chain ran"
-        )

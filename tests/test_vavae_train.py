@@ -177,6 +177,7 @@ def _naive(gen, disc, lp, teacher, x, rng, hp, cfg: losses.LossConfig, use_vf):
     return terms, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage_step,use_vf", [(5, True), (0, False)])
 def test_step_equals_library_functions(stage_step, use_vf):
     gen, disc, lp, teacher = _tiny_models(use_vf)

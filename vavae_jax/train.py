@@ -439,7 +439,6 @@ def run(
     with compile_log.phase("frozen networks (LPIPS, teacher) ready", logger=log):
         lp, teacher = build_frozen(config, cdt)
     train_step = build_step(config, mesh, lp, teacher)
-    compiling = compile_log.InBackground(train_step.compile, "compile-train-step")
     gen_def = train_step.gen_def
     frozen = jax.device_put(frozen_state(lp, teacher), train_step.replicated)
 
@@ -457,6 +456,11 @@ def run(
             # Adam's moments start at zero whatever the weights: opt_g needs no new init.
         return state
 
+    compiling = []  # the step's ahead-of-time compile, started once the run goes ahead
+
+    def start_compile():
+        compiling.append(compile_log.InBackground(train_step.compile, "compile-train-step"))
+
     state, start_step = restore_or_init(
         ckpt,
         train_step.abstract_state,
@@ -464,8 +468,9 @@ def run(
         data_iterator=train_iter,
         config=config,
         workdir=workdir_path,
+        on_ready=start_compile,
     )
-    jit_step = compiling.result()
+    jit_step = compiling[0].result()
     replicated = train_step.replicated
 
     # ---- loop --------------------------------------------------------------------------------

@@ -43,13 +43,17 @@ def check_finite(pending, last_good, ckpt, *, loss_key: str, norm_key: str) -> N
         )
 
 
-def restore_or_init(ckpt, abstract_state, init, *, data_iterator, config, workdir) -> tuple:
+def restore_or_init(
+    ckpt, abstract_state, init, *, data_iterator, config, workdir, on_ready=None
+) -> tuple:
     """(state, start_step): the latest checkpoint of `ckpt` restored into `abstract_state`
     (with the data iterator's position), or `init()` for a new run (every process saves
     checkpoints). Before a restore, `resume.check_resume` refuses a config whose architecture
     or data pipeline differs from the checkpoint's (`ResumeConfigError`; `ckpt` is closed);
     other changes are logged. Process 0 keeps `config.json` (the config in force) and
-    `config_history.jsonl` in `workdir` (see vavae_jax.runtime.resume)."""
+    `config_history.jsonl` in `workdir` (see vavae_jax.runtime.resume). `on_ready()` is called
+    once the run is known to go ahead, before the restore or the init (the trainers start their
+    step's compile there, so that a refused config compiles nothing)."""
     latest = ckpt.latest_step()
     if latest is not None:
         try:
@@ -59,11 +63,15 @@ def restore_or_init(ckpt, abstract_state, init, *, data_iterator, config, workdi
         except resume.ResumeConfigError:
             ckpt.close()
             raise
+        if on_ready is not None:
+            on_ready()
         state = ckpt.restore(latest, abstract_state, data_iterator=data_iterator)["state"]
         start_step = int(state["step"])
         log.info("resumed from step %d in %s", start_step, ckpt.directory)
         resume.record_resume(workdir, config, start_step, changes)
         return state, start_step
+    if on_ready is not None:
+        on_ready()
     state = init()
     resume.record_start(workdir, config)
     return state, 0
