@@ -289,21 +289,13 @@ def run(
 
     # ---- resume or initialise ----------------------------------------------------------------
     ckpt = ckpt_lib.Checkpointer(workdir_path / "checkpoints", max_to_keep=config.keep_checkpoints)
-    compiling = []  # the step's ahead-of-time compile, started once the run goes ahead
-
-    def start_compile():
-        compiling.append(compile_log.InBackground(train_step.compile, "compile-train-step"))
-
-    state, start_step = restore_or_init(
+    state, start_step, jit_step = train_step.restore_or_init(
         ckpt,
-        train_step.abstract_state,
         lambda: train_step.init_state(jax.random.fold_in(rng, 1)),
         data_iterator=train_iter,
         config=config,
         workdir=workdir_path,
-        on_ready=start_compile,
     )
-    jit_step = compiling[0].result()
 
     # ---- loop --------------------------------------------------------------------------------
     writer = MetricWriter(workdir_path / "logs")

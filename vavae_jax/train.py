@@ -456,21 +456,9 @@ def run(
             # Adam's moments start at zero whatever the weights: opt_g needs no new init.
         return state
 
-    compiling = []  # the step's ahead-of-time compile, started once the run goes ahead
-
-    def start_compile():
-        compiling.append(compile_log.InBackground(train_step.compile, "compile-train-step"))
-
-    state, start_step = restore_or_init(
-        ckpt,
-        train_step.abstract_state,
-        init,
-        data_iterator=train_iter,
-        config=config,
-        workdir=workdir_path,
-        on_ready=start_compile,
+    state, start_step, jit_step = train_step.restore_or_init(
+        ckpt, init, data_iterator=train_iter, config=config, workdir=workdir_path
     )
-    jit_step = compiling[0].result()
     replicated = train_step.replicated
 
     # ---- loop --------------------------------------------------------------------------------

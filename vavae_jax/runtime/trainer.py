@@ -122,6 +122,28 @@ class TrainStep:
         """The initial state, each array created directly in its sharding."""
         return jax.jit(self.init, out_shardings=self.state_sharding)(key)
 
+    def restore_or_init(self, ckpt, init: Callable, *, data_iterator, config, workdir):
+        """(state, start_step, compiled step): `loop.restore_or_init` (resume checks included),
+        with the step compiled ahead of time in a background thread from the moment the run is
+        known to go ahead, so that the compile overlaps the init or the restore."""
+        from vavae_jax.runtime import compile_log, loop
+
+        compiling = []
+
+        def start_compile():
+            compiling.append(compile_log.InBackground(self.compile, "compile-train-step"))
+
+        state, start_step = loop.restore_or_init(
+            ckpt,
+            self.abstract_state,
+            init,
+            data_iterator=data_iterator,
+            config=config,
+            workdir=workdir,
+            on_ready=start_compile,
+        )
+        return state, start_step, compiling[0].result()
+
     def abstract(self):
         """(fn, abstract_args, in_shardings, out_shardings, donate_argnums) for an AOT compile."""
         return (
