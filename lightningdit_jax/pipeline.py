@@ -209,7 +209,7 @@ def extract(
         version=MANIFEST_VERSION,
     )
     run = json.loads(json.dumps(run, default=str))  # as it reads back from a manifest
-    plans = [p for p in plan_shards(num_records, batch_size, batches_per_shard, nproc)]
+    plans = plan_shards(num_records, batch_size, batches_per_shard, nproc)
     mine = [p for p in plans if p.process == pid]
 
     # Which shards to encode: the same decision on every process (encoding is a collective).

@@ -484,7 +484,6 @@ class EvalIterator(Iterator[dict[str, np.ndarray]]):
         self.skipped = 0
         self._batches = 0
         self._seen = np.zeros(len(expected_indices), np.int32)
-        self._padding = 0
         self._done = False
 
     def __iter__(self) -> EvalIterator:
@@ -525,7 +524,6 @@ class EvalIterator(Iterator[dict[str, np.ndarray]]):
         batch["image"] = to_model_range(batch["image"])
         batch["image"][~batch["mask"]] = 0.0
         real = batch["index"] >= 0
-        self._padding += int((~real).sum())
         pos = batch["index"][real] - self.expected_indices.start
         if pos.size and (pos.min() < 0 or pos.max() >= len(self.expected_indices)):
             raise DataCountError(
@@ -557,11 +555,6 @@ class EvalIterator(Iterator[dict[str, np.ndarray]]):
         except StopIteration:
             return
         raise DataCountError(f"the data loader has batches beyond the expected {self.num_batches}")
-
-    @property
-    def records_seen(self) -> int:
-        """Distinct source records delivered so far (corrupt ones included, padding excluded)."""
-        return int(np.count_nonzero(self._seen))
 
 
 class _RecordRange(grain.sources.RandomAccessDataSource):
