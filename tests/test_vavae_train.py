@@ -100,12 +100,11 @@ def _tiny_models(use_vf=True):
     return gen, disc, lp, teacher
 
 
-def _naive(gen, disc, lp, teacher, x, rng, hp, cfg: losses.LossConfig, use_vf):
+def _naive(gen, disc, lp, teacher, x, rng, it, cfg: losses.LossConfig, use_vf):
     """d_weight, vf_weight, terms and generator grads by direct jax.grad of library functions."""
     gdef, P, rest = nnx.split(gen, nnx.Param, ...)
     ddef, dP, dS = nnx.split(disc, nnx.Param, nnx.BatchStat)
     rng_sample, _ = jax.random.split(rng)
-    it = hp["stage_step"]
 
     def pieces(params):
         g = nnx.merge(gdef, params, rest)
@@ -148,7 +147,7 @@ def _naive(gen, disc, lp, teacher, x, rng, hp, cfg: losses.LossConfig, use_vf):
     )
     vf_weight = (
         losses.adaptive_weight(
-            kernel_grad("nll", "encoder"), kernel_grad("vf", "encoder"), 1e8, hp["vf_weight"]
+            kernel_grad("nll", "encoder"), kernel_grad("vf", "encoder"), 1e8, cfg.vf_weight
         )
         if use_vf
         else None
@@ -183,13 +182,6 @@ def test_step_equals_library_functions(stage_step, use_vf):
     gen, disc, lp, teacher = _tiny_models(use_vf)
     x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), jnp.float32, -1, 1)
     rng = jax.random.key(7)
-    hp = dict(
-        vf_weight=jnp.float32(0.1),
-        distmat_margin=jnp.float32(0.25),
-        cos_margin=jnp.float32(0.5),
-        disc_start=jnp.int32(5),
-        stage_step=jnp.int32(stage_step),
-    )
     loss_cfg = losses.LossConfig(
         disc_start=5, kl_weight=1e-6, disc_weight=0.5, vf_weight=0.1, adaptive_vf=True
     )
@@ -198,14 +190,6 @@ def test_step_equals_library_functions(stage_step, use_vf):
     # SGD with lr 1 recovers the gradients from the parameter update exactly.
     sgd = optax.sgd(1.0)
     step_cfg = StepConfig(
-        kl_weight=1e-6,
-        perceptual_weight=1.0,
-        disc_factor=1.0,
-        disc_weight=0.5,
-        disc_loss="hinge",
-        adaptive_vf=True,
-        distmat_weight=1.0,
-        cos_weight=1.0,
         use_vf=use_vf,
         train_logvar=False,
         lpips_dropout=False,
@@ -223,11 +207,13 @@ def test_step_equals_library_functions(stage_step, use_vf):
         opt_d=sgd.init(dP),
         step=jnp.int32(0),
     )
-    new_state, metrics = jax.jit(step)(state, frozen, {"image": x}, rng, hp)
+    # The stage settings go in traced (as the trainer passes them), the static ones as given.
+    it = jnp.int32(stage_step)
+    new_state, metrics = jax.jit(step)(state, frozen, {"image": x}, rng, loss_cfg.as_arrays(), it)
 
     terms, grads = jax.jit(
-        lambda x, rng, hp: _naive(gen, disc, lp, teacher, x, rng, hp, loss_cfg, use_vf)
-    )(x, rng, hp)
+        lambda x, rng, it, cfg: _naive(gen, disc, lp, teacher, x, rng, it, cfg, use_vf)
+    )(x, rng, it, loss_cfg.as_arrays())
     for k in ("total_loss", "nll_loss", "kl_loss", "g_loss", "d_weight", "disc_factor"):
         np.testing.assert_allclose(metrics[f"train/{k}"], terms[k], rtol=2e-5, err_msg=k)
     if use_vf:
@@ -351,10 +337,16 @@ def test_schedule_stages():
     cfg = load_config("vavae_f16d32.py", "long")
     stages = train.make_schedule(cfg, steps_per_epoch=10)
     assert [(s.start, s.end) for s in stages] == [(0, 1000), (1000, 1150), (1150, 1300)]
-    assert [s.vf_weight for s in stages] == [0.5, 0.1, 0.1]
-    assert [(s.distmat_margin, s.cos_margin) for s in stages] == [(0, 0), (0, 0), (0.25, 0.5)]
-    assert [s.disc_start for s in stages] == [5001, 1, 1]
-    assert train.stage_at(stages, 1149).vf_weight == 0.1
+    assert [s.loss.vf_weight for s in stages] == [0.5, 0.1, 0.1]
+    margins = [(s.loss.distmat_margin, s.loss.cos_margin) for s in stages]
+    assert margins == [(0, 0), (0, 0), (0.25, 0.5)]
+    assert [s.loss.disc_start for s in stages] == [5001, 1, 1]
+    assert train.stage_at(stages, 1149).loss.vf_weight == 0.1
+    # The static loss settings come from config.loss in every stage.
+    assert {s.loss.kl_weight for s in stages} == {cfg.loss.kl_weight}
+    # One compiled step serves every stage: the traced leaves share shapes and dtypes.
+    shapes = {str(jax.eval_shape(lambda s=s: train.step_inputs(s, 0))) for s in stages}
+    assert len(shapes) == 1, shapes
     ldm = load_config("vavae_f16d32.py", "ldm")
     assert not ldm.use_vf and ldm.loss.vf_weight == 0.0
     with pytest.raises(ValueError, match="unknown variant"):

@@ -29,9 +29,19 @@ NORMALIZE_EPS = 1e-12
 COSINE_EPS = 1e-8
 
 
+# The settings that may change between training stages without recompiling the step: traced
+# leaves of `LossConfig` (a pytree). Every other field is static: changing one recompiles.
+TRACED_FIELDS = ("disc_start", "vf_weight", "distmat_margin", "cos_margin")
+
+
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Hyper-parameters of the reference `LPIPSWithDiscriminator` (same names).
+    """Hyper-parameters of the reference `LPIPSWithDiscriminator` (same names): the one form of
+    the VA-VAE loss settings, from the config file (`from_config(config.loss)`) to the step.
+
+    A pytree: `TRACED_FIELDS` (disc_start, vf_weight, distmat_margin, cos_margin) are its leaves,
+    so a training stage that changes them passes a new `LossConfig` to the same compiled step
+    (`as_arrays()` gives the leaves the step's dtypes); the other fields are static.
 
     Defaults are those of the VA-VAE config `vavae/configs/f16d32_vfdinov2.yaml` (the class
     defaults of the reference fill the fields that file leaves out).
@@ -58,6 +68,34 @@ class LossConfig:
             raise ValueError(
                 f"LossConfig.disc_loss={self.disc_loss!r}: expected one of {sorted(D_LOSSES)}"
             )
+
+    @classmethod
+    def from_config(cls, loss_config: Any) -> LossConfig:
+        """The fields of this class read from a mapping with the same names (the config file's
+        `config.loss`, which also holds the discriminator's shape and the logvar settings)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in loss_config]
+        if missing:
+            raise ValueError(f"LossConfig.from_config: the loss config lacks {missing}")
+        return cls(**{n: loss_config[n] for n in names})
+
+    def as_arrays(self) -> LossConfig:
+        """The same settings with the traced fields as arrays of the step's dtypes (int32
+        disc_start, float32 weights and margins), so every stage feeds the compiled step alike."""
+        return dataclasses.replace(
+            self,
+            disc_start=jnp.asarray(self.disc_start, jnp.int32),
+            vf_weight=jnp.asarray(self.vf_weight, jnp.float32),
+            distmat_margin=jnp.asarray(self.distmat_margin, jnp.float32),
+            cos_margin=jnp.asarray(self.cos_margin, jnp.float32),
+        )
+
+
+jax.tree_util.register_dataclass(
+    LossConfig,
+    data_fields=list(TRACED_FIELDS),
+    meta_fields=[f.name for f in dataclasses.fields(LossConfig) if f.name not in TRACED_FIELDS],
+)
 
 
 # ---------------------------------------------------------------------------------------------

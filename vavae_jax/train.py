@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from vavae_jax import data as data_lib
 from vavae_jax import discriminator as disc_lib
-from vavae_jax import foundation
+from vavae_jax import foundation, losses
 from vavae_jax import lpips as lpips_lib
 from vavae_jax import model as model_lib
 from vavae_jax.runtime import checkpoint as ckpt_lib
@@ -198,30 +198,18 @@ def _check_teacher_grid(config, teacher) -> None:
 class Stage:
     start: int  # first iteration of the stage
     end: int  # one past its last iteration
-    vf_weight: float
-    distmat_margin: float
-    cos_margin: float
-    disc_start: int
+    loss: losses.LossConfig  # config.loss with the stage's vf_weight, margins and disc_start
     reset_optimizers: bool
 
 
 def make_schedule(config, steps_per_epoch: int) -> list[Stage]:
-    loss = config.loss
+    base = losses.LossConfig.from_config(config.loss)
     if config.stages:
         stages, start = [], 0
         for s in config.stages:
             n = int(s.epochs * steps_per_epoch)
-            stages.append(
-                Stage(
-                    start,
-                    start + n,
-                    s.vf_weight,
-                    s.distmat_margin,
-                    s.cos_margin,
-                    s.disc_start,
-                    s.reset_optimizers,
-                )
-            )
+            loss = dataclasses.replace(base, **{k: s[k] for k in losses.TRACED_FIELDS})
+            stages.append(Stage(start, start + n, loss, s.reset_optimizers))
             start += n
         if config.total_steps > 0:  # a shorter smoke run of the same schedule
             stages = [
@@ -231,17 +219,7 @@ def make_schedule(config, steps_per_epoch: int) -> list[Stage]:
             ]
         return stages
     total = config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
-    return [
-        Stage(
-            0,
-            int(total),
-            loss.vf_weight,
-            loss.distmat_margin,
-            loss.cos_margin,
-            loss.disc_start,
-            False,
-        )
-    ]
+    return [Stage(0, int(total), base, False)]
 
 
 def stage_at(stages: list[Stage], step: int) -> Stage:
@@ -256,11 +234,11 @@ def stage_at(stages: list[Stage], step: int) -> Stage:
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainStep(trainer.TrainStep):
-    """`trainer.TrainStep` of the VA-VAE: `fn(state, frozen, batch, rng_bits, hparams)`.
+    """`trainer.TrainStep` of the VA-VAE: `fn(state, frozen, batch, rng_bits, loss, stage_step)`.
 
     State: dict(gen, gen_rest, disc, disc_stats, opt_g, opt_d, step[, ema]), weights and Adam
     moments sharded by the logical rules, scalars replicated. `frozen` holds the states of LPIPS
-    and the teacher (replicated); `hparams` the traced stage settings (`_hparams`).
+    and the teacher (replicated); `loss` and `stage_step` come from `step_inputs(stage, step)`.
     """
 
     gen_def: nnx.GraphDef
@@ -288,21 +266,7 @@ def build_step(config, mesh, lp, teacher) -> TrainStep:
     )
     tx_g = trainer.make_optimizer(config.optim.lr, config.optim)
     tx_d = trainer.make_optimizer(config.optim.disc_lr, config.optim)
-    step_cfg = StepConfig(
-        kl_weight=config.loss.kl_weight,
-        perceptual_weight=config.loss.perceptual_weight,
-        disc_factor=config.loss.disc_factor,
-        disc_weight=config.loss.disc_weight,
-        disc_loss=config.loss.disc_loss,
-        adaptive_vf=config.loss.adaptive_vf,
-        distmat_weight=config.loss.distmat_weight,
-        cos_weight=config.loss.cos_weight,
-        use_vf=config.use_vf,
-        train_logvar=config.loss.train_logvar,
-        lpips_dropout=config.loss.lpips_dropout,
-        ema_decay=config.ema.decay if config.ema.enabled else None,
-        compute_dtype=cdt,
-    )
+    step_cfg = StepConfig.from_config(config, cdt)
 
     def construct(key):
         k_gen, k_disc = jax.random.split(key)
@@ -354,14 +318,15 @@ def build_step(config, mesh, lp, teacher) -> TrainStep:
     # bytes the AOT report can count (it sizes arguments by numpy dtype).
     # The mesh is the abstract mesh of the trace, so that the models keep their activations split
     # over the batch (sharding.constrain_batch) instead of letting GSPMD reshard them.
-    def vavae_train_step(state, frozen, batch, rng_bits, hparams):
+    def vavae_train_step(state, frozen, batch, rng_bits, loss, stage_step):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return step_fn(state, frozen, batch, jax.random.wrap_key_data(rng_bits), hparams)
+            rng = jax.random.wrap_key_data(rng_bits)
+            return step_fn(state, frozen, batch, rng, loss, stage_step)
 
     frozen = frozen_state(lp, teacher)
     r, b = ae_cfg.resolution, int(config.global_batch_size)
     batch_sh = {"image": sharding.batch_sharding(mesh, 4)}
-    hparams = jax.eval_shape(lambda: _hparams(make_schedule(config, 1)[0], 0))
+    loss, stage_step = jax.eval_shape(lambda: step_inputs(make_schedule(config, 1)[0], 0))
     abstract_batch = {
         "image": jax.ShapeDtypeStruct(
             (b, r, r, ae_cfg.in_channels), jnp.float32, sharding=batch_sh["image"]
@@ -379,7 +344,8 @@ def build_step(config, mesh, lp, teacher) -> TrainStep:
             trainer.with_shardings(frozen, replicated),
             abstract_batch,
             abstract_rng,
-            trainer.with_shardings(hparams, replicated),
+            trainer.with_shardings(loss, replicated),
+            trainer.with_shardings(stage_step, replicated),
         ),
         replicated=replicated,
         gen_def=nnx.graphdef(gen),
@@ -486,17 +452,15 @@ def run(
                     state = train_step.reset_optimizers(state)
                     log.info("stage boundary at step %d: optimizers restarted", step)
                 stage = new_stage
-                hparams = _hparams(stage, 0)
                 log.info("stage %s", stage)
             local = next(train_iter)
             batch = data_lib.make_global_batch({"image": local["image"]}, mesh)
             if grid_batch is None:
                 grid_batch = batch["image"][: config.num_grid_images]
-            hparams = _hparams(stage, step - stage.start)
             step_rng = jax.random.fold_in(jax.random.fold_in(rng, 2), step)
             rng_bits = jax.device_put(jax.random.key_data(step_rng), replicated)
-            hparams = jax.device_put(hparams, replicated)
-            state, metrics = jit_step(state, frozen, batch, rng_bits, hparams)
+            loss, stage_step = jax.device_put(step_inputs(stage, step), replicated)
+            state, metrics = jit_step(state, frozen, batch, rng_bits, loss, stage_step)
             if step == start_step:
                 compile_log.report_first_step(started, metrics, logger=log)
             step = loop.stepped(step, metrics)
@@ -511,14 +475,9 @@ def run(
     return {"step": step, "state": state, "workdir": str(workdir_path)}
 
 
-def _hparams(stage: Stage, stage_step: int) -> dict[str, jax.Array]:
-    return dict(
-        vf_weight=jnp.float32(stage.vf_weight),
-        distmat_margin=jnp.float32(stage.distmat_margin),
-        cos_margin=jnp.float32(stage.cos_margin),
-        disc_start=jnp.int32(stage.disc_start),
-        stage_step=jnp.int32(stage_step),
-    )
+def step_inputs(stage: Stage, step: int) -> tuple[losses.LossConfig, jax.Array]:
+    """The step's `loss` and `stage_step` arguments at iteration `step` of `stage`."""
+    return stage.loss.as_arrays(), jnp.int32(step - stage.start)
 
 
 def _write_grid(gen_def, state, images, writer, workdir_path, step) -> None:

@@ -38,22 +38,26 @@ from vavae_jax.runtime import sharding as _sharding
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    """Static settings of the step (changing one recompiles). Weights that change between
-    stages (vf_weight, margins, disc_start) are passed as traced `hparams` instead."""
+    """The step's settings beside the loss (changing one recompiles). The loss settings are the
+    step's `loss` argument, a `losses.LossConfig`: its static fields are read at trace time and
+    its stage settings (disc_start, vf_weight, margins) are traced."""
 
-    kl_weight: float
-    perceptual_weight: float
-    disc_factor: float
-    disc_weight: float
-    disc_loss: str
-    adaptive_vf: bool
-    distmat_weight: float
-    cos_weight: float
     use_vf: bool
     train_logvar: bool
     lpips_dropout: bool
     ema_decay: float | None
     compute_dtype: Any
+
+    @classmethod
+    def from_config(cls, config, compute_dtype) -> StepConfig:
+        """From a VA-VAE trainer config (`configs/vavae_f16d32.py`)."""
+        return cls(
+            use_vf=bool(config.use_vf),
+            train_logvar=bool(config.loss.train_logvar),
+            lpips_dropout=bool(config.loss.lpips_dropout),
+            ema_decay=config.ema.decay if config.ema.enabled else None,
+            compute_dtype=compute_dtype,
+        )
 
 
 class Generator(nnx.Module):
@@ -114,7 +118,7 @@ def make_train_step(
     tx_d: optax.GradientTransformation,
     cfg: StepConfig,
 ):
-    """Returns `step(state, frozen, batch, rng, hparams) -> (state, metrics)`.
+    """Returns `step(state, frozen, batch, rng, loss, stage_step) -> (state, metrics)`.
 
     lpips, teacher: the frozen networks (LPIPS and the DINOv2 teacher; `teacher` None without the
             VF loss), real or abstract (`nnx.eval_shape`): only their structure is kept; their
@@ -122,8 +126,9 @@ def make_train_step(
             serves any weights.
     state: dict(gen=Param state, gen_rest=other generator variables, disc=Param state,
                 disc_stats=BatchStat state, opt_g, opt_d, step[, ema])
-    hparams: dict(vf_weight, distmat_margin, cos_margin, disc_start, stage_step) scalars that
-             may change between stages without recompiling
+    loss: the `losses.LossConfig`, its stage settings traced (`LossConfig.as_arrays()`), so
+          that a stage with other weights, margins or disc_start reuses the compiled step
+    stage_step: the iteration within the current stage (int32 scalar); disc_start counts from it
     """
     if cfg.use_vf and teacher is None:
         raise ValueError("make_train_step: StepConfig.use_vf is True but no teacher was given")
@@ -146,28 +151,16 @@ def make_train_step(
         logits = disc(x, train=True)  # the reference's discriminator is always in train mode
         return logits, nnx.state(disc, nnx.BatchStat)
 
-    def step(state, frozen, batch, rng, hparams):
+    def step(state, frozen, batch, rng, loss, stage_step):
+        if not isinstance(loss, losses.LossConfig):
+            raise TypeError(f"train step: loss must be a losses.LossConfig, got {type(loss)}")
         x = batch["image"]  # [B, H, W, 3] in [-1, 1]
         P, rest = state["gen"], state["gen_rest"]
         # The reference compares Lightning's global_step with disc_start. With two manually
         # stepped optimizers (PL 2.4) it advances twice per iteration: it is 2i during the
         # generator loss of iteration i and 2i + 1 during the discriminator loss.
-        it = hparams["stage_step"]
-        loss_cfg = losses.LossConfig(
-            disc_start=hparams["disc_start"],
-            kl_weight=cfg.kl_weight,
-            perceptual_weight=cfg.perceptual_weight,
-            disc_factor=cfg.disc_factor,
-            disc_weight=cfg.disc_weight,
-            disc_loss=cfg.disc_loss,
-            vf_weight=hparams["vf_weight"],
-            adaptive_vf=cfg.adaptive_vf,
-            distmat_margin=hparams["distmat_margin"],
-            cos_margin=hparams["cos_margin"],
-            distmat_weight=cfg.distmat_weight,
-            cos_weight=cfg.cos_weight,
-        )
-        disc_factor = losses.adopt_weight(cfg.disc_factor, 2 * it, hparams["disc_start"])
+        it = stage_step
+        disc_factor = losses.adopt_weight(loss.disc_factor, 2 * it, loss.disc_start)
         rng_sample, rng_lpips = jax.random.split(rng)
 
         # ---- forward as a chain of VJPs -----------------------------------------------------
@@ -208,8 +201,8 @@ def make_train_step(
 
         def nll_head(xr, p):
             lv = gen_module(p, rest).logvar[...]
-            p_loss = lpips_fn(frozen, x, xr, lpips_rng) if cfg.perceptual_weight > 0 else None
-            _, weighted, _ = losses.nll_loss(x, xr, lv, p_loss, cfg.perceptual_weight)
+            p_loss = lpips_fn(frozen, x, xr, lpips_rng) if loss.perceptual_weight > 0 else None
+            _, weighted, _ = losses.nll_loss(x, xr, lv, p_loss, loss.perceptual_weight)
             return weighted, (p_loss, lv)
 
         nll_w, vjp_nll, (p_loss, lv) = jax.vjp(nll_head, xrec, P, has_aux=True)
@@ -228,12 +221,12 @@ def make_train_step(
         dP_tail_nll, d_hd_nll = vjp_dec_tail(d_xrec_nll)
         dP_tail_g, d_hd_g = vjp_dec_tail(d_xrec_g)
         dec_k = ("autoencoder", "decoder", "conv_out", "kernel")
-        if cfg.disc_factor > 0:
+        if loss.disc_factor > 0:
             d_weight = losses.adaptive_weight(
                 _kernel_grad(dP_tail_nll, dec_k),
                 _kernel_grad(dP_tail_g, dec_k),
                 losses.MAX_D_WEIGHT,
-                cfg.disc_weight,
+                loss.disc_weight,
             )
         else:
             d_weight = jnp.zeros((), jnp.float32)
@@ -258,26 +251,26 @@ def make_train_step(
                 vf, _ = losses.vf_loss(
                     z_proj,
                     aux,
-                    hparams["distmat_margin"],
-                    hparams["cos_margin"],
-                    cfg.distmat_weight,
-                    cfg.cos_weight,
+                    loss.distmat_margin,
+                    loss.cos_margin,
+                    loss.distmat_weight,
+                    loss.cos_weight,
                 )
                 return vf, z_proj
 
             vf, vjp_vf, z_proj = jax.vjp(vf_head, P, z, has_aux=True)
             dP_vf, dz_vf = vjp_vf(jnp.ones_like(vf))
-            if cfg.adaptive_vf:
+            if loss.adaptive_vf:
                 dP_enc_nll, _ = vjp_enc_tail(vjp_sample(dz_nll))
                 dP_enc_vf, _ = vjp_enc_tail(vjp_sample(dz_vf))
                 vf_weight = losses.adaptive_weight(
                     _kernel_grad(dP_enc_nll, enc_k),
                     _kernel_grad(dP_enc_vf, enc_k),
                     losses.MAX_VF_WEIGHT,
-                    hparams["vf_weight"],
+                    loss.vf_weight,
                 )
             else:
-                vf_weight = jnp.asarray(hparams["vf_weight"], jnp.float32)
+                vf_weight = jnp.asarray(loss.vf_weight, jnp.float32)
         else:
             aux = z_proj = None
             vf_weight, dP_vf, dz_vf = jnp.zeros((), jnp.float32), None, jnp.zeros_like(z)
@@ -285,7 +278,7 @@ def make_train_step(
         # ---- encoder backward of the weighted total -------------------------------------------
         dz_total = dz_nll + w_g * dz_g + vf_weight * dz_vf
         dm, dlv = vjp_sample(dz_total)
-        dm_kl, dlv_kl = vjp_kl(jnp.asarray(cfg.kl_weight, jnp.float32))
+        dm_kl, dlv_kl = vjp_kl(jnp.asarray(loss.kl_weight, jnp.float32))
         dP_enc_tail, d_he = vjp_enc_tail((dm + dm_kl, dlv + dlv_kl))
         (dP_enc_body,) = vjp_enc_body(d_he)
         parts = [dP_enc_body, dP_enc_tail, dP_dec, dP_tail_nll, _tree_scale(dP_tail_g, w_g)]
@@ -310,9 +303,9 @@ def make_train_step(
             z_proj,
             aux,
             d_weight,
-            vf_weight if (cfg.use_vf and cfg.adaptive_vf) else None,
+            vf_weight if (cfg.use_vf and loss.adaptive_vf) else None,
             2 * it,
-            loss_cfg,
+            loss,
         )
         updates, opt_g = tx_g.update(grads_g, state["opt_g"], P)
         new_P = optax.apply_updates(P, updates)
@@ -323,10 +316,10 @@ def make_train_step(
         def d_loss_fn(dparams):
             logits_real, stats = disc_apply(dparams, disc_stats, x)
             logits_fake_d, stats = disc_apply(dparams, stats, xrec_sg)
-            loss, d_terms = losses.discriminator_loss(
-                logits_real, logits_fake_d, 2 * it + 1, loss_cfg
+            d_loss, d_terms = losses.discriminator_loss(
+                logits_real, logits_fake_d, 2 * it + 1, loss
             )
-            return loss, (d_terms, stats)
+            return d_loss, (d_terms, stats)
 
         (_, (d_terms, disc_stats)), grads_d = jax.value_and_grad(d_loss_fn, has_aux=True)(
             state["disc"]

@@ -200,6 +200,15 @@ def bench_vae_codec(args, peak):
         record(f"vae_decode_{dtype}", b, timeit(dec, (state, z), args.iters), peak)
 
 
+def _vavae_config():
+    """The main job's config, `configs/vavae_f16d32.py` as shipped."""
+    from vavae_jax.runtime import cli
+
+    return cli.config_from_file(
+        str(pathlib.Path(__file__).resolve().parents[2] / "configs/vavae_f16d32.py")
+    )
+
+
 def bench_vae_train(args, peak):
     """The full VA-VAE step: autoencoder + LPIPS + PatchGAN + DINOv2-large teacher, both
     optimizers, both adaptive weights (random weights; bf16 compute, f32 parameters)."""
@@ -208,7 +217,7 @@ def bench_vae_train(args, peak):
     import optax
 
     from vavae_jax import discriminator as disc_lib
-    from vavae_jax import foundation
+    from vavae_jax import foundation, losses
     from vavae_jax import lpips as lpips_lib
     from vavae_jax.model import PRESETS
     from vavae_jax.train_step import Generator, StepConfig, frozen_state, make_train_step
@@ -225,22 +234,10 @@ def bench_vae_train(args, peak):
         )
         gdef, P, rest = nnx.split(gen, nnx.Param, ...)
         ddef, dP, dS = nnx.split(disc, nnx.Param, nnx.BatchStat)
-        tx = optax.adam(1e-4, b1=0.5, b2=0.9)
-        cfg = StepConfig(
-            kl_weight=1e-6,
-            perceptual_weight=1.0,
-            disc_factor=1.0,
-            disc_weight=0.5,
-            disc_loss="hinge",
-            adaptive_vf=True,
-            distmat_weight=1.0,
-            cos_weight=1.0,
-            use_vf=True,
-            train_logvar=False,
-            lpips_dropout=True,
-            ema_decay=None,
-            compute_dtype=cdt,
-        )
+        # The shipped config's settings (configs/vavae_f16d32.py), GAN on: the full step.
+        config = _vavae_config()
+        tx = optax.adam(config.optim.lr, b1=config.optim.b1, b2=config.optim.b2)
+        cfg = StepConfig.from_config(config, cdt)
         step = make_train_step(gdef, ddef, lp, teacher, tx, tx, cfg)
         frozen = frozen_state(lp, teacher)
         state = dict(
@@ -252,20 +249,17 @@ def bench_vae_train(args, peak):
             opt_d=tx.init(dP),
             step=jnp.int32(0),
         )
-        hp = dict(
-            vf_weight=jnp.float32(0.1),
-            distmat_margin=jnp.float32(0.25),
-            cos_margin=jnp.float32(0.5),
-            disc_start=jnp.int32(5001),
-            stage_step=jnp.int32(10000),
-        )  # GAN on: the full step
+        if cfg.ema_decay is not None:
+            state["ema"] = jax.tree.map(jnp.copy, P)
+        loss = losses.LossConfig.from_config(config.loss).as_arrays()
+        hp = (loss, jnp.int32(config.loss.disc_start))  # stage_step past disc_start: GAN on
         replicate, shard_batch, n, in_mesh = data_parallel(args)
         state, frozen = replicate(state), replicate(frozen)
         for b in [int(v) * n for v in args.vae_train_batches.split(",")]:  # per device
             x = jax.random.uniform(jax.random.key(0), (b, 256, 256, 3), jnp.float32, -1, 1)
             x = shard_batch(x)
             fn = jax.jit(in_mesh(step), donate_argnums=(0,))
-            args_ = (state, frozen, {"image": x}, jax.random.key(1), hp)
+            args_ = (state, frozen, {"image": x}, jax.random.key(1), *hp)
             t = time.perf_counter()
             compiled = fn.lower(*args_).compile()
             compile_s = time.perf_counter() - t
@@ -273,7 +267,7 @@ def bench_vae_train(args, peak):
             st = jax.tree.map(jnp.copy, state)
             for i in range(3 + args.iters // 2):
                 t = time.perf_counter()
-                st, m = compiled(st, frozen, {"image": x}, jax.random.key(i), hp)
+                st, m = compiled(st, frozen, {"image": x}, jax.random.key(i), *hp)
                 jax.block_until_ready(m)
                 if i >= 3:
                     times.append(time.perf_counter() - t)
@@ -283,7 +277,7 @@ def bench_vae_train(args, peak):
             name = f"vae_train_{dtype}" + (f"_x{n}dev" if n > 1 else "")
             record(name, b, r, peak, loss=float(m["train/total_loss"]), num_devices=n)
             holder = {"st": st}
-            call_args = (frozen, {"image": x}, jax.random.key(0), hp)
+            call_args = (frozen, {"image": x}, jax.random.key(0), *hp)
 
             def again(holder=holder, call_args=call_args, compiled=compiled):
                 holder["st"], metrics = compiled(holder["st"], *call_args)
