@@ -1,0 +1,176 @@
+"""Does an FP8 matrix product run and pay on this GPU, through XLA? (issue 19, item 1, step 1.)
+
+  python launch/bench/fp8_probe.py --out=fp8_probe.json
+
+Times LightningDiT-XL/1's GEMMs at batch 64 (16384 tokens) in several forms, each in a fresh
+subprocess with a time limit (a direct float8 `jnp.dot` was once seen compiling for 5+ minutes):
+
+  bf16        x @ w in bfloat16: the baseline.
+  direct      float8_e4m3fn x float8_e4m3fn `lax.dot_general` (preferred bf16) times the two
+              per-tensor scales; inputs quantised beforehand (the sampling case: weights once).
+  direct_qx   the same, with the activation's quantisation (amax, scale, convert) inside: what a
+              training or sampling forward pays per product.
+  qdq         "quantise, dequantise, dot" in bf16, the pattern XLA's GEMM rewriter is meant to turn
+              into a cuBLASLt FP8 product; run with XLA's default flags and again with
+              `--xla_allow_excess_precision=false` (the convert pairs may be folded away).
+  bwd_e5m2    float8_e5m2 (a gradient) x float8_e4m3fn (a weight): the backward's data GEMM.
+
+For each: the median time of 8 independent products per call over `--iters` calls, the TFLOP/s,
+the error against float32, and whether the compiled HLO holds a cuBLASLt FP8 custom call
+(`__cublas$lt$matmul$f8`) — the proof that FP8 tensor cores ran, not a bf16 product.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+# (name, M, K, N) of XL/1 at batch 64: 64 x 256 tokens, width 1152, SwiGLU hidden 3072.
+SHAPES = [
+    ("qkv", 16384, 1152, 3456),
+    ("attn_out", 16384, 1152, 1152),
+    ("swiglu_in", 16384, 1152, 6144),
+    ("swiglu_out", 16384, 3072, 1152),
+]
+VARIANTS = ["bf16", "direct", "direct_qx", "qdq", "qdq_noexcess", "bwd_e5m2"]
+COPIES = 8  # independent products per call: amortises the launch
+
+
+def _case(variant: str, iters: int, m_div: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    e4, e5, bf = jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.bfloat16
+    dn = (((1,), (0,)), ((), ()))
+
+    def scale_of(a, dtype):
+        return jnp.max(jnp.abs(a.astype(jnp.float32))) / float(jnp.finfo(dtype).max)
+
+    def quant(a, s, dtype):
+        return (a.astype(jnp.float32) / s).astype(dtype)
+
+    out = {}
+    for name, m, k, n in SHAPES:
+        m //= m_div
+        kx, kw = jax.random.split(jax.random.key(0))
+        x = jax.random.normal(kx, (m, k), jnp.float32)
+        ws = jax.random.normal(kw, (COPIES, k, n), jnp.float32) / k**0.5
+        ref = jnp.dot(x, ws[0], precision="highest")
+        if variant == "bf16":
+            args = (x.astype(bf), ws.astype(bf))
+
+            def f(x, ws):
+                return [jnp.dot(x, ws[i], preferred_element_type=bf) for i in range(COPIES)]
+
+        elif variant in ("direct", "bwd_e5m2"):
+            xdt = e5 if variant == "bwd_e5m2" else e4
+            sx, sw = scale_of(x, xdt), scale_of(ws, e4)
+            args = (quant(x, sx, xdt), quant(ws, sw, e4), sx * sw)
+
+            def f(xq, wq, s):
+                return [
+                    (lax.dot_general(xq, wq[i], dn, preferred_element_type=bf) * s).astype(bf)
+                    for i in range(COPIES)
+                ]
+
+        elif variant == "direct_qx":
+            sw = scale_of(ws, e4)
+            args = (x.astype(bf), quant(ws, sw, e4), sw)
+
+            def f(x, wq, sw):
+                sx = scale_of(x, e4)
+                xq = quant(x, sx, e4)
+                s = sx * sw
+                return [
+                    (lax.dot_general(xq, wq[i], dn, preferred_element_type=bf) * s).astype(bf)
+                    for i in range(COPIES)
+                ]
+
+        else:  # qdq, qdq_noexcess
+            args = (x.astype(bf), ws.astype(bf))
+
+            def f(x, ws):
+                sx = scale_of(x, e4)
+                xd = (quant(x, sx, e4).astype(jnp.float32) * sx).astype(bf)
+                outs = []
+                for i in range(COPIES):
+                    sw = scale_of(ws[i], e4)
+                    wd = (quant(ws[i], sw, e4).astype(jnp.float32) * sw).astype(bf)
+                    outs.append(jnp.dot(xd, wd, preferred_element_type=bf))
+                return outs
+
+        t0 = time.perf_counter()
+        compiled = jax.jit(f).lower(*args).compile()
+        compile_s = time.perf_counter() - t0
+        hlo = compiled.as_text()
+        ys = compiled(*args)
+        jax.block_until_ready(ys)
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        y0 = ys[0].astype(jnp.float32)
+        rel = float(jnp.linalg.norm(y0 - ref) / jnp.linalg.norm(ref))
+        out[name] = dict(
+            m=m,
+            k=k,
+            n=n,
+            median_ms=med * 1e3,
+            tflops=2 * m * k * n * COPIES / med / 1e12,
+            compile_s=compile_s,
+            rel_err_vs_f32=rel,
+            fp8_cublaslt="__cublas$lt$matmul$f8" in hlo,
+            fp8_in_hlo="f8e4m3fn" in hlo or "f8e5m2" in hlo,
+        )
+        print(variant, name, json.dumps(out[name]), flush=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--timeout", type=int, default=150, help="seconds per variant (subprocess)")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--m_div", type=int, default=1, help="divide the token count (CPU smoke run)")
+    p.add_argument("--out", default="fp8_probe.json")
+    p.add_argument("--_one", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._one:
+        print("RESULT " + json.dumps(_case(args._one, args.iters, args.m_div)), flush=True)
+        return
+    results = {}
+    for v in args.variants.split(","):
+        if v not in VARIANTS:
+            raise SystemExit(f"--variants: {v!r} is not one of {VARIANTS}")
+        env = dict(os.environ)
+        if v == "qdq_noexcess":
+            env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false"
+        cmd = [sys.executable, __file__, f"--_one={'qdq' if v == 'qdq_noexcess' else v}"]
+        cmd += [f"--iters={args.iters}", f"--m_div={args.m_div}"]
+        t0 = time.perf_counter()
+        try:
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+            lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+            if r.returncode or not lines:
+                results[v] = dict(error=(r.stderr or r.stdout)[-2000:])
+            else:
+                results[v] = json.loads(lines[-1][len("RESULT ") :])
+        except subprocess.TimeoutExpired as e:
+            partial = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            results[v] = dict(error=f"timed out after {args.timeout} s", partial=partial[-2000:])
+        results[v]["wall_s"] = time.perf_counter() - t0
+        print(v, json.dumps(results[v])[:600], flush=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
