@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The VA-VAE half of issue 18 (items 1 and 4) on one H200, as one command from the repo root
+# (about 8.5 minutes; carry .whl, .data/imagenette-parity and .ref/LightningDiT/vavae):
+#
+#   bash launch/parity/run_vavae_h200.sh
+#
+# Before, here, once: the train subset (4200 of 9469 JPEGs) + 500 val images and the batch list,
+#   python3 launch/parity/vavae_make_init.py lists --src=../shared/data/imagenette-224 \
+#     --out=.data/imagenette-parity
+# and in .whl the project's wheels plus taming-transformers-rom1504 (the reference imports taming).
+#
+# Timeline (everything on the one GPU at once where memory allows; batch 8 leaves it room):
+#   +0     ours_exact (float32, highest precision) and ours_free (bfloat16) start compiling from
+#          shapes; they wait for the converted files and for the float64 control to end
+#   +5     vavae_make_init.py make: image caches, random DINOv2-L / LPIPS files, the
+#          reference's init (seed 0)
+#   +50    ref_exact (float32, TF32 off, our noise) and ref_f64 (the same in float64, F64_STEPS:
+#          the round-off control; twice the memory, so it runs before the free references)
+#          start; launch/convert.py converts LPIPS and the init for ours
+#   ~+100  ref_f64 done: ref_free_s0 (as shipped, the common init) and ref_free_s1 (as shipped,
+#          its own init of seed 1) start; ours start stepping once compiled
+#   +BUDGET_S  every run stops stepping (a run stopped early evaluates where it stopped)
+#   then   ours evaluates every saved reconstruction of the 500 val images (PSNR / SSIM /
+#          LPIPS, the LPIPS random) and vavae_compare.py writes the verdicts and figures
+# Work files go under $W, the results (6 small files) under $OUT.
+set -uo pipefail
+T0=$(date +%s)
+OUT=${OUT:-/tmp/vavae_parity_out}
+W=${W:-/tmp/vavae_parity}
+REF=${REF:-.ref/LightningDiT}
+DATA=${DATA:-.data/imagenette-parity}
+EXACT_STEPS=${EXACT_STEPS:-300}
+DISC_START=${DISC_START:-200} # Lightning global steps, 2 per iteration: the GAN joins at 100
+F64_STEPS=${F64_STEPS:-20}
+FREE_STEPS=${FREE_STEPS:-1000}
+EVAL_STEPS=${EVAL_STEPS:-0,250,500,1000}
+BUDGET_S=${BUDGET_S:-440} # stepping ends then; evaluation and comparison take ~70 s more
+# The shapes (a CPU smoke run of this script: SIZE=32 MODEL=tiny TEACHER=dinov2-tiny TEACHER_RES=112)
+SIZE=${SIZE:-256}
+MODEL=${MODEL:-f16d32}
+TEACHER=${TEACHER:-dinov2-large}
+TEACHER_RES=${TEACHER_RES:-224}
+P=launch/parity
+mkdir -p "$W/logs" "$OUT"
+log() { echo "[$(($(date +%s) - T0)) s] $*"; }
+
+if [ "${WHEELS:-1}" = 1 ] && ls .whl/*.whl >/dev/null 2>&1; then # WHEELS=0: use what is installed
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 10 >"$W/logs/gpu.csv" &
+  SAMPLER=$!
+fi
+DEADLINE=$((T0 + BUDGET_S))
+SHARED="--batches=$DATA/batches.json --cache=$W/cache --teacher=$W/teacher --teacher_resolution=$TEACHER_RES --disc_start=$DISC_START --deadline=$DEADLINE"
+REFRUN="python3 $P/vavae_reference.py --ref_dir=$REF --model=$MODEL --vgg=$W/vgg16_random.pth --lpips_heads=$W/lpips_heads_random.pth --threads=2 $SHARED"
+OURS="env XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 python3 $P/vavae_ours.py train --preset=$MODEL --teacher_preset=$TEACHER --init=$W/init --lpips=$W/lpips.npz --wait_for=$W/converted,$W/f64_done $SHARED"
+FREE="--steps=$FREE_STEPS --eval_steps=$EVAL_STEPS --recon_dir=$W/recon"
+declare -A PIDS=()
+start() { # name, command words...
+  local name=$1
+  shift
+  log "start $name"
+  "$@" >"$W/logs/$name.log" 2>&1 &
+  PIDS[$name]=$!
+}
+# shellcheck disable=SC2086 # the command strings split into words on purpose
+{
+  start ours_exact $OURS --phase=exact --steps="$EXACT_STEPS" --out="$W/ours_exact.jsonl"
+  start ours_free $OURS --phase=free $FREE --tag=ours_free --out="$W/ours_free.jsonl"
+
+  log "make: image caches, random teacher and LPIPS, the reference's init"
+  python3 $P/vavae_make_init.py make --root="$DATA" --out="$W" --size="$SIZE" \
+    --teacher_preset="$TEACHER" --teacher_resolution="$TEACHER_RES" --ref_dir="$REF" \
+    --model="$MODEL" --disc_start="$DISC_START" --workers="$(nproc)" >"$W/logs/make.log" 2>&1 ||
+    { tail -30 "$W/logs/make.log"; exit 1; }
+  start ref_exact $REFRUN --phase=exact --init="$W/init.pt" --steps="$EXACT_STEPS" --out="$W/ref_exact.jsonl"
+  start ref_f64 $REFRUN --phase=exact --float64 --init="$W/init.pt" --steps="$F64_STEPS" --out="$W/ref_f64.jsonl"
+
+  log "convert (launch/convert.py lpips, vavae)"
+  python3 launch/convert.py lpips --vgg="$W/vgg16_random.pth" --heads="$W/lpips_heads_random.pth" \
+    --out="$W/lpips.npz" >"$W/logs/convert_lpips.log" 2>&1 || tail -30 "$W/logs/convert_lpips.log"
+  python3 launch/convert.py vavae --pt="$W/init.pt" --out="$W/init" --preset="$MODEL" \
+    >"$W/logs/convert_vavae.log" 2>&1 || tail -30 "$W/logs/convert_vavae.log"
+  touch "$W/converted"
+  wait "${PIDS[ref_f64]}"
+  log "ref_f64 ended (rc=$?); $(tail -1 "$W/logs/ref_f64.log" | cut -c1-300)"
+  unset "PIDS[ref_f64]"
+  touch "$W/f64_done"
+  start ref_free_s0 $REFRUN --phase=free --init="$W/init.pt" --seed=0 $FREE --tag=ref_free_s0 --out="$W/ref_free_s0.jsonl"
+  start ref_free_s1 $REFRUN --phase=free --seed=1 $FREE --tag=ref_free_s1 --out="$W/ref_free_s1.jsonl"
+}
+for name in "${!PIDS[@]}"; do
+  wait "${PIDS[$name]}" && s=ok || s="FAILED rc=$?"
+  log "$name: $s; $(grep -v '^\s*$' "$W/logs/$name.log" | tail -1 | cut -c1-500)"
+done
+
+log "evaluate the reconstructions"
+python3 $P/vavae_ours.py eval --cache="$W/cache" --lpips="$W/lpips.npz" --out="$W/eval.json" \
+  "$W"/recon/*.npy >"$W/logs/eval.log" 2>&1 || tail -20 "$W/logs/eval.log"
+log "compare"
+python3 $P/vavae_compare.py exact --ours="$W/ours_exact.jsonl" --ref="$W/ref_exact.jsonl" \
+  --ref64="$W/ref_f64.jsonl" --json="$OUT/vavae_exact.json" --plot="$OUT/vavae_exact.png" \
+  2>"$W/logs/compare_exact.log" || tail -20 "$W/logs/compare_exact.log"
+python3 $P/vavae_compare.py free --ours="$W/ours_free.jsonl" \
+  --refs "$W/ref_free_s0.jsonl" "$W/ref_free_s1.jsonl" --eval="$W/eval.json" \
+  --recon_dir="$W/recon" --cache="$W/cache" --json="$OUT/vavae_free.json" \
+  --plot="$OUT/vavae_free.png" --grid="$OUT/vavae_recon.png" \
+  2>"$W/logs/compare_free.log" || tail -20 "$W/logs/compare_free.log"
+[ -n "${SAMPLER:-}" ] && kill "$SAMPLER"
+(cd "$W" && tar -czf "$OUT/vavae_logs.tar.gz" logs ./*.jsonl eval.json)
+log "done: $(ls "$OUT" | tr '\n' ' ')"

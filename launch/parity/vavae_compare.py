@@ -1,0 +1,205 @@
+"""Compares the two sides of the VA-VAE parity runs (issue 18) and draws the figures for docs/.
+
+  python3 launch/parity/vavae_compare.py exact --ours=W/ours_exact.jsonl --ref=W/ref_exact.jsonl \\
+      [--ref64=W/ref_exact_f64.jsonl] --window=50 --json=W/exact.json --plot=W/vavae_exact.png
+  python3 launch/parity/vavae_compare.py free --ours=W/ours_free.jsonl \\
+      --refs W/ref_free_s0.jsonl W/ref_free_s1.jsonl --eval=W/eval.json --recon_dir=W/recon \\
+      --json=W/free.json --plot=W/vavae_free.png --grid=W/vavae_recon.png
+
+exact: per step and term the relative difference |a - b| / max(|a|, |b|, 1e-6) of ours to the
+reference; the first step where any term departs by more than 1e-4 (and which), the largest
+difference of each term over the first `--window` steps and whether all stay within 1e-3. With
+`--ref64` (the reference in float64) the same for ours and for the float32 reference against
+it: how far float32 round-off alone moves a correct implementation.
+free: the smoothed curves of every run overlaid, the metrics of `vavae_ours.py eval` at each
+saved step, and whether ours lies within the two reference seeds' range (the spread) there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+
+import numpy as np
+import vavae_common as common
+
+EXACT_TOL, DEPART_TOL = 1e-3, 1e-4
+FREE_KEYS = tuple(k for k in common.LOG_KEYS if k not in ("disc_factor", "logvar", "param_norm_g"))
+
+
+def diff_table(a: dict, b: dict, window: int) -> dict:
+    """Per key: relative differences of run a to run b over their common steps."""
+    n = min(len(a["step"]), len(b["step"]))
+    keys = [k for k in common.LOG_KEYS if k in a and k in b]
+    rel = {k: common.relative_diff(a[k][:n], b[k][:n]) for k in keys}
+    first = None
+    for i in range(n):
+        k = max(keys, key=lambda k: rel[k][i])
+        if rel[k][i] > DEPART_TOL:
+            first = dict(step=i, key=k, a=a[k][i], b=b[k][i], rel=float(rel[k][i]))
+            break
+    w = min(window, n)
+    per_key = {k: float(rel[k][:w].max()) for k in keys}
+    worst = max(per_key, key=per_key.get)
+    # The same against each term's scale (its RMS over the window): terms that cross zero
+    # (g_loss, the logits) have huge relative differences where they pass through it.
+    scaled = {}
+    for k in keys:
+        rms = float(np.sqrt(np.mean(b[k][:w] ** 2)))
+        scaled[k] = float(np.max(np.abs(a[k][:w] - b[k][:w])) / rms) if rms > 0 else 0.0
+    return dict(
+        steps_compared=n,
+        first_departure=first,
+        window=w,
+        max_rel_in_window=per_key,
+        worst_in_window=dict(key=worst, rel=per_key[worst]),
+        within_tol=bool(per_key[worst] <= EXACT_TOL),
+        max_diff_over_rms_in_window=scaled,
+    )
+
+
+def cmd_exact(args) -> dict:
+    meta_o, ours = common.read_log(args.ours)
+    meta_r, ref = common.read_log(args.ref)
+    out = dict(ours=meta_o, ref=meta_r, ours_vs_ref=diff_table(ours, ref, args.window))
+    runs = {"ours (float32)": ours, "reference (float32)": ref}
+    meta_64, ref64 = common.read_log(args.ref64) if args.ref64 else ({}, {"step": []})
+    if args.ref64 and not len(ref64["step"]):
+        out["ref64"] = dict(meta_64, note="no step logged (the run failed: see its log)")
+    elif args.ref64:
+        out["ref64"] = meta_64
+        out["ours_vs_ref64"] = diff_table(ours, ref64, args.window)
+        out["ref_vs_ref64"] = diff_table(ref, ref64, args.window)
+        runs["reference (float64)"] = ref64
+    if args.plot:
+        common.plot_curves(
+            runs,
+            common.LOG_KEYS,
+            args.plot,
+            title="VA-VAE exact phase: same init, batches and noise, float32",
+            rel_to="reference (float32)",
+        )
+    return out
+
+
+def _eval_table(path) -> dict:
+    """{run tag: {step: {metric: value}}} from `vavae_ours.py eval`'s json."""
+    table: dict = {}
+    for name, values in json.loads(pathlib.Path(path).read_text())["results"].items():
+        m = re.fullmatch(r"(.+)_step(\d+)", name)
+        if m:
+            table.setdefault(m.group(1), {})[int(m.group(2))] = values
+    return table
+
+
+def _within(ours: float, refs: list[float], rtol: float = 1e-4) -> dict:
+    """Whether ours lies in the references' range (widened by rtol: equal starts tie)."""
+    lo, hi = min(refs), max(refs)
+    tol = rtol * max(abs(lo), abs(hi))
+    inside = bool(lo - tol <= ours <= hi + tol)
+    return dict(ours=ours, ref_min=lo, ref_max=hi, spread=hi - lo, inside=inside)
+
+
+def cmd_free(args) -> dict:
+    meta, ours = common.read_log(args.ours)
+    logs = {p: common.read_log(p)[1] for p in args.refs}
+    failed = [p for p, log in logs.items() if not len(log["step"])]  # named, not compared
+    refs = [log for p, log in logs.items() if p not in failed]
+    if not refs:
+        raise SystemExit(f"free: no reference run logged a step ({failed})")
+    labels = [
+        f"ours ({meta.get('compute_dtype')})",
+        *[f"reference seed {i}" for i in range(len(refs))],
+    ]
+    runs = dict(zip(labels, [ours, *refs]))
+    out: dict = dict(window=args.smooth, curves={}, failed_reference_runs=failed)
+    n = min(len(r["step"]) for r in runs.values())
+    keys = [k for k in FREE_KEYS if k in ours]
+    smoothed = [{k: common.smooth(log[k], args.smooth) for k in keys} for log in (ours, *refs)]
+    for step in sorted({min(int(s), n) for s in args.at.split(",")} | {n}):
+        values = {k: [float(s[k][step - 1]) for s in smoothed] for k in keys}
+        out["curves"][step] = {k: _within(v[0], v[1:]) for k, v in values.items()}
+    if args.eval:
+        table = _eval_table(args.eval)
+        out["metrics"] = {}  # at the steps where ours and every reference seed saved one
+        for step, values in sorted(table.get(args.ours_tag, {}).items()):
+            refs_at = [table[t][step] for t in args.ref_tags if step in table.get(t, {})]
+            if len(refs_at) == len(args.ref_tags):
+                out["metrics"][step] = {
+                    m: _within(v, [r[m] for r in refs_at]) for m, v in values.items()
+                }
+        out["eval"] = table
+    if args.plot:
+        title = f"VA-VAE free phase (moving average over {args.smooth} steps)"
+        common.plot_curves(runs, FREE_KEYS, args.plot, window=args.smooth, title=title)
+    if args.grid and args.recon_dir:
+        out["grid"] = recon_grid(args)
+    return out
+
+
+def recon_grid(args) -> str:
+    """Val images, then each run's reconstructions at its last saved step (8 columns)."""
+    rd = pathlib.Path(args.recon_dir)
+    rows = [common.load_cache(args.cache, "val")[:8]] if args.cache else []
+    for tag in [args.ours_tag, *args.ref_tags]:
+        files = sorted(rd.glob(f"{tag}_step*.npy"))
+        if files:
+            rec = np.load(files[-1], mmap_mode="r")[:8].astype(np.float32)
+            rows.append(np.clip(np.floor(127.5 * rec + 128.0), 0, 255).astype(np.uint8))
+    common.save_grid(rows, args.grid)
+    return str(args.grid)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("exact")
+    q.add_argument("--ours", required=True)
+    q.add_argument("--ref", required=True)
+    q.add_argument("--ref64", default="")
+    q.add_argument("--window", type=int, default=50)
+    q.add_argument("--json", default="")
+    q.add_argument("--plot", default="")
+    q = sub.add_parser("free")
+    q.add_argument("--ours", required=True)
+    q.add_argument("--refs", nargs="+", required=True)
+    q.add_argument("--eval", default="", help="vavae_ours.py eval's json")
+    q.add_argument("--ours_tag", default="ours_free")
+    q.add_argument("--ref_tags", nargs="*", default=["ref_free_s0", "ref_free_s1"])
+    q.add_argument("--at", default="250,500,1000", help="steps of the curve comparison")
+    q.add_argument("--smooth", type=int, default=50)
+    q.add_argument("--recon_dir", default="")
+    q.add_argument("--cache", default="", help="image caches (the grid's first row)")
+    q.add_argument("--json", default="")
+    q.add_argument("--plot", default="")
+    q.add_argument("--grid", default="")
+    args = p.parse_args(argv)
+    out = cmd_exact(args) if args.command == "exact" else cmd_free(args)
+    text = json.dumps(out, indent=1, default=float)
+    if args.json:  # the whole result there; the verdicts on stdout
+        pathlib.Path(args.json).write_text(text)
+        print(json.dumps(_short(out), indent=1, default=float))
+    else:
+        print(text)
+    return out
+
+
+def _short(out: dict) -> dict:
+    short = {}
+    for name, table in out.items():
+        if name.endswith(("_vs_ref", "_vs_ref64")):
+            keep = ("steps_compared", "first_departure", "worst_in_window", "within_tol")
+            short[name] = {k: table[k] for k in keep}
+    for step, metrics in out.get("metrics", {}).items():
+        short[f"metrics@{step}"] = {m: (round(v["ours"], 4), round(v["ref_min"], 4),
+                                        round(v["ref_max"], 4), v["inside"])
+                                    for m, v in metrics.items()}  # fmt: skip
+    for step, curves in out.get("curves", {}).items():
+        short[f"curves_inside@{step}"] = sorted(k for k, v in curves.items() if v["inside"])
+    return short
+
+
+if __name__ == "__main__":
+    main()
