@@ -22,6 +22,8 @@ import pytest
 from flax import nnx
 
 from tests.conftest import load_config
+from tests.test_lightningdit_train import DIT_TRAINER_GROUP
+from tests.test_vavae_train import VAVAE_TRAINER_GROUP
 from vavae_jax.runtime import aot, sharding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -253,9 +255,13 @@ MEMORY_FIELDS = (
 
 
 def _trainer_config(trainer: str, strategy: str) -> ml_collections.ConfigDict:
-    """The trainer's small config on (data=8) for "dp" or (data=2, fsdp=4) for "fsdp"."""
+    """The trainer's tiny test config (tests/test_lightningdit_train.py, tests/test_parallel.py)
+    on (data=8) for "dp" or (data=2, fsdp=4) for "fsdp": the steps the trainer tests run on these
+    meshes, so that one compile serves both (the shared compilation cache)."""
     if trainer == "lightningdit":
-        config = load_config("lightningdit_xl_vavae_f16d32.py", "small")  # no data: not needed
+        from tests.test_lightningdit_train import tiny_config
+
+        config = tiny_config(ROOT / "no-such-folder")  # the hook reads no latents
     else:
         from tests.test_parallel import smallest_vavae_config
 
@@ -276,7 +282,13 @@ def _new_live_arrays(before: set[int]) -> list:
     return [a for a in jax.live_arrays() if id(a) not in before]
 
 
-@pytest.mark.parametrize("trainer", ["lightningdit", pytest.param("vavae", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "trainer",
+    [
+        pytest.param("lightningdit", marks=DIT_TRAINER_GROUP),
+        pytest.param("vavae", marks=[pytest.mark.slow, VAVAE_TRAINER_GROUP]),
+    ],
+)
 def test_trainer_hook_compiles_the_real_step(trainer):
     """launch/compile_check.py's path: config -> mesh -> the trainer's hook -> compile report."""
     hook = importlib.import_module(f"{TRAINER_PACKAGES[trainer]}.train").build_abstract_step

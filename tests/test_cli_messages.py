@@ -12,8 +12,8 @@ import pytest
 
 from lightningdit_jax import pipeline
 from lightningdit_jax import train as dit_train
+from tests.test_lightningdit_train import DIT_TRAINER_GROUP, write_latents
 from tests.test_lightningdit_train import tiny_config as dit_tiny_config
-from tests.test_lightningdit_train import write_latents
 from tests.test_vavae_train import tiny_config as vavae_tiny_config
 from vavae_jax import lpips as lpips_lib
 from vavae_jax import train as vavae_train
@@ -77,6 +77,7 @@ def test_help_lists_the_config_fields_and_defaults():
 
 # ---- logs a person can read -------------------------------------------------------------------
 @pytest.mark.slow
+@DIT_TRAINER_GROUP
 def test_plain_log_lines_completion_and_finished_run(tmp_path, caplog):
     write_latents(tmp_path / "latents")
     cfg = dit_tiny_config(tmp_path / "latents")  # progress_bar=False, log every step, 4 steps

@@ -272,7 +272,8 @@ def test_readme_chain_end_to_end(tmp_path):
         assert fid["inception_score"] >= 1.0 - 1e-6, fid  # exp(mean KL), KL >= 0
         assert fid["fid"] > 1e-2, fid  # a 40-step model's samples are not the reference
         tok = json.loads((runs / "tokenizer.json").read_text())
-        assert tok["inception"] == RANDOM_LABEL and tok["num_images"] == 32
+        num_images = int(_flag(commands[5], "num_images"))
+        assert tok["inception"] == RANDOM_LABEL and tok["num_images"] == num_images
         assert np.isfinite(tok["rfid"]) and tok["psnr"] > 0 and 0 < tok["ssim"] <= 1
     finally:
         for stage in running:

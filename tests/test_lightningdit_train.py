@@ -11,6 +11,9 @@ from lightningdit_jax import train
 from tests.conftest import load_config
 
 DIT_CONFIG = "lightningdit_xl_vavae_f16d32.py"
+# The LightningDiT trainer runs of every file (the tiny config on tests/test_parallel.py's meshes)
+# run one after another in one xdist worker: one compile per mesh, the rest from the cache.
+DIT_TRAINER_GROUP = pytest.mark.xdist_group("lightningdit_trainer")
 
 
 def write_latents(directory, n=32, shape=(8, 8, 8), num_classes=10, seed=0):
@@ -36,11 +39,14 @@ def write_latents(directory, n=32, shape=(8, 8, 8), num_classes=10, seed=0):
 
 
 def tiny_config(data_dir):
-    c = load_config(DIT_CONFIG, "tiny,small")  # the 8x8x8 latents of write_latents
+    """The 8x8x8 latents of write_latents. The mesh is tests/test_parallel.py's FSDP one: the
+    trainer tests that run this config compile one step and one init between them (the shared
+    compilation cache)."""
+    c = load_config(DIT_CONFIG, "tiny,small")
     c.data.data_dir = str(data_dir)
     c.global_batch_size = 8
     c.total_steps = 4
-    c.mesh.update(dict(data=4, fsdp=2))
+    c.mesh.update(dict(data=2, fsdp=4))
     c.sharding = "fsdp"
     c.checkpoint_every_steps = 2
     c.log_every_steps = 1
@@ -102,6 +108,7 @@ def test_normalize_denormalize_exact_inverses():
 
 
 @pytest.mark.slow
+@DIT_TRAINER_GROUP
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     write_latents(tmp_path / "latents")
     cfg = tiny_config(tmp_path / "latents")
@@ -187,7 +194,7 @@ def test_training_loss_gradient_finite_at_zero_output():
     def loss(p):
         return transport.training_loss(nnx.merge(gdef, p, rest), x1, y, jax.random.key(1))[0]
 
-    grads = jax.grad(loss)(params)
+    grads = jax.jit(jax.grad(loss))(params)  # one compile, not one per primitive
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
     a = jnp.zeros((3, 4))

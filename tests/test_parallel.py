@@ -33,8 +33,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.test_lightningdit_train import DIT_TRAINER_GROUP, write_latents
 from tests.test_lightningdit_train import tiny_config as dit_tiny_config
-from tests.test_lightningdit_train import write_latents
+from tests.test_vavae_train import VAVAE_TRAINER_GROUP
 from tests.test_vavae_train import tiny_config as vae_tiny_config
 
 RTOL = 1e-6
@@ -101,6 +102,7 @@ def _assert_mesh_and_sharding(results, kernel_of) -> None:
 
 
 @pytest.mark.slow
+@DIT_TRAINER_GROUP
 def test_lightningdit_dp_and_fsdp_equal_one_device(tmp_path):
     from lightningdit_jax import train
 
@@ -120,10 +122,10 @@ def test_lightningdit_dp_and_fsdp_equal_one_device(tmp_path):
 
 
 def smallest_vavae_config(sample_images_dir, **overrides):
-    """The GAN + VF step at its smallest: 16 px, one level (16x16 latents and teacher tokens), a
-    2-layer discriminator, two steps. disc_start=1 (Lightning steps, 2 per iteration): step 0
-    updates the discriminator only, step 1 the generator with the adaptive GAN weight too."""
-    cfg = vae_tiny_config(
+    """tests/test_vavae_train.py's tiny config (the GAN + VF step at its smallest: 16 px, one
+    level, a 2-layer discriminator) for two steps: step 0 updates the discriminator only, step 1
+    the generator with the adaptive GAN weight too."""
+    return vae_tiny_config(
         sample_images_dir,
         total_steps=2,
         checkpoint_every_steps=2,
@@ -131,19 +133,15 @@ def smallest_vavae_config(sample_images_dir, **overrides):
         log_every_steps=2,
         **overrides,
     )
-    cfg.model.update(dict(ch_mult=(1,), resolution=16, attn_resolutions=()))
-    cfg.data.resolution = 16
-    cfg.teacher.resolution = 16 * 14
-    cfg.loss.update(dict(disc_num_layers=2, disc_start=1))
-    return cfg
 
 
 @pytest.mark.slow
+@VAVAE_TRAINER_GROUP
 def test_vavae_dp_and_fsdp_equal_one_device(sample_images_dir, tmp_path):
     from vavae_jax import train
 
     cfg = smallest_vavae_config(sample_images_dir)
-    cfg.optim.eps = 1.0  # see the module docstring: weights with a zero gradient
+    assert cfg.optim.eps == 1.0  # see the module docstring: weights with a zero gradient
     results = _run_on_meshes(train.run, cfg, tmp_path)
     _assert_mesh_and_sharding(
         results, lambda s: s["gen"]["autoencoder"]["decoder"]["conv_in"]["kernel"]

@@ -10,8 +10,9 @@ import shutil
 import pytest
 
 from lightningdit_jax import train as dit_train
+from tests.test_lightningdit_train import DIT_TRAINER_GROUP, write_latents
 from tests.test_lightningdit_train import tiny_config as dit_tiny_config
-from tests.test_lightningdit_train import write_latents
+from tests.test_vavae_train import VAVAE_TRAINER_GROUP
 from tests.test_vavae_train import tiny_config as vae_tiny_config
 from vavae_jax import train as vae_train
 from vavae_jax.runtime import resume
@@ -20,10 +21,9 @@ ORBAX_SPAM = "Event loop is closed"
 
 
 def _vae_config(sample_images_dir, **overrides):
-    """tests/test_vavae_train.py's tiny config without the teacher and attention (a cheaper
-    compile), one step per checkpoint."""
-    base = {"use_vf": False, "model.attn_resolutions": (), "loss.disc_num_layers": 1}
-    base.update(total_steps=1, checkpoint_every_steps=1, image_every_steps=1)
+    """tests/test_vavae_train.py's tiny config (its step is compiled once for all the VA-VAE
+    trainer tests), one step per checkpoint."""
+    base = dict(total_steps=1, checkpoint_every_steps=1, image_every_steps=1)
     return vae_tiny_config(sample_images_dir, **{**base, **overrides})
 
 
@@ -80,9 +80,9 @@ def _config_json(workdir):
     "trainer, field, old, new",
     [
         # a listed architecture field: the autoencoder's width
-        pytest.param("vavae", "model.ch", 32, 64, marks=pytest.mark.slow),
+        pytest.param("vavae", "model.ch", 32, 64, marks=[pytest.mark.slow, VAVAE_TRAINER_GROUP]),
         # not listed (a dropout probability), yet 0 removes the null-label row: the state says so
-        ("lightningdit", "model.class_dropout_prob", 0.1, 0.0),
+        pytest.param("lightningdit", "model.class_dropout_prob", 0.1, 0.0, marks=DIT_TRAINER_GROUP),
     ],
 )
 def test_architecture_change_is_one_clear_error(
@@ -106,6 +106,7 @@ def test_architecture_change_is_one_clear_error(
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
 
 
+@DIT_TRAINER_GROUP
 def test_data_pipeline_change_grain_cannot_restore_is_one_clear_error(
     dit_run, tmp_path, caplog, capfd
 ):
@@ -120,7 +121,13 @@ def test_data_pipeline_change_grain_cannot_restore_is_one_clear_error(
 
 
 # ---- accepted: logged and recorded -----------------------------------------------------------
-@pytest.mark.parametrize("trainer", [pytest.param("vavae", marks=pytest.mark.slow), "lightningdit"])
+@pytest.mark.parametrize(
+    "trainer",
+    [
+        pytest.param("vavae", marks=[pytest.mark.slow, VAVAE_TRAINER_GROUP]),
+        pytest.param("lightningdit", marks=DIT_TRAINER_GROUP),
+    ],
+)
 def test_lr_change_is_logged_recorded_and_in_config_json(trainer, request, tmp_path, caplog):
     module, fixture = TRAINERS[trainer]
     workdir, make_config = _copy(request.getfixturevalue(fixture), tmp_path)

@@ -13,7 +13,7 @@ from flax import nnx
 
 from lightningdit_jax import data as data_lib
 from lightningdit_jax import pipeline, sampling, train
-from tests.test_lightningdit_train import tiny_config, write_latents
+from tests.test_lightningdit_train import DIT_TRAINER_GROUP, tiny_config, write_latents
 from vavae_jax import checkpoints
 from vavae_jax import model as vae_model
 from vavae_jax.runtime import sharding
@@ -82,6 +82,7 @@ def run(tmp_path_factory):
 
 
 @pytest.mark.slow
+@DIT_TRAINER_GROUP
 def test_kill_and_rerun_equals_uninterrupted(run):
     tmp, workdir = run["tmp"], run["workdir"]
     kw = dict(num_samples=N, batch_size=CHUNK, seed=3, progress=False, **KW)
@@ -122,6 +123,7 @@ def test_kill_and_rerun_equals_uninterrupted(run):
         pipeline.sample_npz(workdir, out, **dict(kw, seed=4))
 
 
+@DIT_TRAINER_GROUP
 def test_grid_and_errors(run, tmp_path):
     tmp, workdir = run["tmp"], run["workdir"]
     path = pipeline.demo_grid(workdir, str(tmp_path), [1, 2, 3], num_steps=STEPS)
@@ -150,6 +152,7 @@ def test_grid_and_errors(run, tmp_path):
         pipeline.latent_stats({"step": 2})
 
 
+@DIT_TRAINER_GROUP
 def test_load_run_and_generate(run, tmp_path):
     """labels -> images in three lines; load_run reads the run once (EMA model, meta, config)."""
     model, meta, config = pipeline.load_run(run["workdir"])

@@ -92,17 +92,18 @@ def test_evaluate_random_inception_is_labelled_and_unpadded(
     assert "RANDOM weights" in caplog.text and "MEANINGLESS" in caplog.text
     assert rows == [(5, 32, 32, 3)] * 2  # originals, reconstructions; no padding to 100
 
-    # Samples against an image folder, also random: labelled the same way.
+    # Samples against an image folder, also random: labelled the same way. 5 samples of 32 px:
+    # the Inception shape compiled above serves them.
     samples = tmp_path / "samples.npz"
     rng = np.random.default_rng(0)
-    np.savez(samples, arr_0=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
+    np.savez(samples, arr_0=rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8))
     rows.clear()
     result = evaluate.evaluate_samples(
         samples, sample_images_dir, "random", num_splits=2, ref_max_records=4
     )
-    assert result["inception"] == inception.RANDOM_LABEL and result["num_samples"] == 6
+    assert result["inception"] == inception.RANDOM_LABEL and result["num_samples"] == 5
     assert np.isfinite(result["fid"]) and result["fid"] > 0
-    assert {r[0] for r in rows} == {6}  # one batch shape for the reference and the samples
+    assert {r[0] for r in rows} == {5}  # one batch shape for the reference and the samples
 
 
 def test_inception_batch_is_even_and_capped():
