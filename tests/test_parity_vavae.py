@@ -102,7 +102,7 @@ def test_our_side_reads_the_batch_list_loads_the_init_and_writes_the_log(tmp_pat
                    f"--cache={w}/cache", f"--init={w}/init", f"--teacher={w}/teacher",
                    f"--lpips={w}/lpips.npz", "--preset=tiny", "--teacher_preset=dinov2-tiny",
                    "--teacher_resolution=112", f"--steps={STEPS}",
-                   "--disc_start=2", f"--out={log}")  # fmt: skip
+                   "--disc_start=2", f"--out={log}", f"--export_final={w}/final")  # fmt: skip
     assert summary["steps_done"] == STEPS and summary["compute_dtype"] == "float32"
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert lines[0]["meta"]["phase"] == "exact"
@@ -127,6 +127,21 @@ def test_our_side_reads_the_batch_list_loads_the_init_and_writes_the_log(tmp_pat
     with torch.no_grad():
         logits_real = float(disc.main.train()(x).mean())
     assert rows[0]["logits_real"] == pytest.approx(logits_real, rel=1e-4, abs=1e-6)
+
+    # The trained weights as an export folder, the tokenizer the DiT side reads: the trained
+    # generator, not the init, with its logvar, VF projection and PatchGAN.
+    final = checkpoints.load_export(w / "final")
+    init = checkpoints.load_export(w / "init")
+    assert checkpoints.config_mismatch(final["config"], PRESETS["tiny"]) == {}
+    assert float(final["logvar"]) == pytest.approx(LOGVAR)
+    assert final["linear_proj"].shape == init["linear_proj"].shape
+    w_final, w_init = (
+        np.asarray(e["autoencoder"].decoder.conv_out.kernel.get_value()) for e in (final, init)
+    )
+    assert w_final.shape == w_init.shape and not np.array_equal(w_final, w_init)
+    assert final["discriminator"].config == init["discriminator"].config
+    ae, info = checkpoints.load_autoencoder(w / "final")
+    assert checkpoints.config_mismatch(info["config"], PRESETS["tiny"]) == {}
 
     verdict = _run("vavae_compare.py", "exact", f"--ours={log}", f"--ref={log}")
     assert verdict["ours_vs_ref"]["first_departure"] is None

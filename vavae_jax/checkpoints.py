@@ -102,10 +102,6 @@ def convert_official(
     the perceptual loss is in the checkpoint, and `out_dir/vavae_export.json` (configs, teacher
     width, which groups were present / absent, the source file).
     """
-    import orbax.checkpoint as ocp
-
-    from vavae_jax import lpips as lpips_lib
-
     pt_path = pathlib.Path(pt_path)
     if not pt_path.is_file():
         raise FileNotFoundError(f"VA-VAE checkpoint not found: {pt_path}")
@@ -116,37 +112,20 @@ def convert_official(
     if not isinstance(obj, Mapping):
         raise ConversionError(f"{pt_path} holds a {type(obj).__name__}, expected a dict")
     conv = convert.convert_state_dict(obj, config, teacher_preset=teacher_preset)
-    tree: dict[str, Any] = {"autoencoder": _nest(_flat_arrays(conv["autoencoder"], nnx.Param))}
-    if conv["linear_proj"] is not None:
-        tree["linear_proj"] = {"kernel": conv["linear_proj"]}
-    if conv["logvar"] is not None:
-        tree["logvar"] = conv["logvar"]
-    if conv["discriminator"] is not None:
-        tree["discriminator"] = _nest(_flat_arrays(conv["discriminator"]))
-    if conv["teacher"] is not None:
-        tree["teacher"] = _nest(_flat_arrays(conv["teacher"], nnx.Param))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(out_dir / STATE_DIR, tree)
-    checkpointer.wait_until_finished()
-    if conv["lpips"] is not None:
-        lpips_lib.save_lpips(conv["lpips"], out_dir / LPIPS_FILE)
-
-    def cfg_dict(cfg):
-        return None if cfg is None else dataclasses.asdict(cfg)
-
-    meta = {
-        "format": EXPORT_FORMAT,
-        "source": str(pt_path.resolve()),
-        "autoencoder_config": cfg_dict(config),
-        "teacher_dim": None if conv["linear_proj"] is None else conv["linear_proj"].shape[-1],
-        "present": conv["present"],
-        "absent": conv["absent"],
-        "discriminator_config": cfg_dict(conv["discriminator_config"]),
-        "teacher_config": cfg_dict(conv["teacher_config"]),
-        "lpips": LPIPS_FILE if conv["lpips"] is not None else None,
-    }
-    (out_dir / EXPORT_JSON).write_text(json.dumps(meta, indent=2, default=_json_default))
+    save_export(
+        out_dir,
+        conv["autoencoder"],
+        linear_proj=conv["linear_proj"],
+        logvar=conv["logvar"],
+        discriminator=conv["discriminator"],
+        discriminator_config=conv["discriminator_config"],
+        teacher=conv["teacher"],
+        teacher_config=conv["teacher_config"],
+        lpips=conv["lpips"],
+        source=str(pt_path.resolve()),
+        present=conv["present"],
+        absent=conv["absent"],
+    )
     log.info(
         "converted %s -> %s (present: %s; absent: %s)",
         pt_path,
@@ -154,6 +133,81 @@ def convert_official(
         conv["present"],
         conv["absent"],
     )
+    return out_dir
+
+
+def save_export(
+    out_dir: str | pathlib.Path,
+    autoencoder: AutoencoderKL,
+    *,
+    source: str,
+    linear_proj=None,
+    logvar=None,
+    discriminator: nnx.Module | None = None,
+    discriminator_config=None,
+    teacher: nnx.Module | None = None,
+    teacher_config=None,
+    lpips=None,
+    present: list[str] | None = None,
+    absent: list[str] | None = None,
+) -> pathlib.Path:
+    """Writes an export directory (read back with `load_export` / `load_autoencoder`).
+
+    `out_dir/state/` Orbax checkpoint of {autoencoder, linear_proj?, logvar?, discriminator?,
+    teacher?} (dotted names as nested dicts), `out_dir/lpips.npz` when `lpips` is given, and
+    `out_dir/vavae_export.json` (configs, teacher width, which groups are present / absent,
+    `source`). `convert_official` writes the official `.pt` this way; a training script can write
+    its own weights the same way (launch/parity/vavae_ours.py --export_final).
+    """
+    import orbax.checkpoint as ocp
+
+    from vavae_jax import lpips as lpips_lib
+
+    out_dir = pathlib.Path(out_dir).resolve()
+    if (out_dir / STATE_DIR).exists() or (out_dir / EXPORT_JSON).exists():
+        raise FileExistsError(f"{out_dir} already holds an export; choose a new --out or delete it")
+    groups = {
+        "autoencoder": autoencoder,
+        "linear_proj": linear_proj,
+        "logvar": logvar,
+        "discriminator": discriminator,
+        "teacher": teacher,
+    }
+    if present is None:
+        present = [k for k, v in groups.items() if v is not None] + (["lpips"] if lpips else [])
+    if absent is None:
+        absent = [k for k, v in groups.items() if v is None] + ([] if lpips else ["lpips"])
+    tree: dict[str, Any] = {"autoencoder": _nest(_flat_arrays(autoencoder, nnx.Param))}
+    if linear_proj is not None:
+        tree["linear_proj"] = {"kernel": np.asarray(linear_proj, np.float32)}
+    if logvar is not None:
+        tree["logvar"] = np.asarray(logvar, np.float32)
+    if discriminator is not None:
+        tree["discriminator"] = _nest(_flat_arrays(discriminator))
+    if teacher is not None:
+        tree["teacher"] = _nest(_flat_arrays(teacher, nnx.Param))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(out_dir / STATE_DIR, tree)
+    checkpointer.wait_until_finished()
+    if lpips is not None:
+        lpips_lib.save_lpips(lpips, out_dir / LPIPS_FILE)
+
+    def cfg_dict(cfg):
+        return None if cfg is None else dataclasses.asdict(cfg)
+
+    meta = {
+        "format": EXPORT_FORMAT,
+        "source": source,
+        "autoencoder_config": cfg_dict(autoencoder.config),
+        "teacher_dim": None if linear_proj is None else np.shape(linear_proj)[-1],
+        "present": present,
+        "absent": absent,
+        "discriminator_config": cfg_dict(discriminator_config),
+        "teacher_config": cfg_dict(teacher_config),
+        "lpips": LPIPS_FILE if lpips is not None else None,
+    }
+    (out_dir / EXPORT_JSON).write_text(json.dumps(meta, indent=2, default=_json_default))
     return out_dir
 
 

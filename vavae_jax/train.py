@@ -242,6 +242,7 @@ class TrainStep(trainer.TrainStep):
     """
 
     gen_def: nnx.GraphDef
+    disc_def: nnx.GraphDef
     ae_config: model_lib.AutoencoderConfig
     optimizer_init: Callable  # (gen params, disc params) -> (opt_g, opt_d), pure
 
@@ -349,6 +350,7 @@ def build_step(config, mesh, lp, teacher) -> TrainStep:
         ),
         replicated=replicated,
         gen_def=nnx.graphdef(gen),
+        disc_def=nnx.graphdef(disc),
         ae_config=ae_cfg,
         optimizer_init=optimizer_init,
     )

@@ -22,6 +22,11 @@
 #   +BUDGET_S  every run stops stepping (a run stopped early evaluates where it stopped)
 #   then   ours evaluates every saved reconstruction of the 500 val images (PSNR / SSIM /
 #          LPIPS, the LPIPS random) and vavae_compare.py writes the verdicts and figures
+# PHASES (default exact,f64,free) picks the runs: exact = ours_exact + ref_exact, f64 = ref_f64
+# (with ref_exact when exact is not picked), free = ours_free + ref_free_s0 + ref_free_s1. A second
+# command on the same warm machine reuses $W (make and convert are skipped when their files are
+# there), e.g. PHASES=free first, then PHASES=f64 EXACT_STEPS=20 for the round-off control.
+# ours_free writes its final weights to $W/tokenizer (an export folder: the DiT run's TOKENIZER).
 # Work files go under $W, the results (6 small files) under $OUT.
 set -uo pipefail
 T0=$(date +%s)
@@ -35,6 +40,7 @@ F64_STEPS=${F64_STEPS:-20}
 FREE_STEPS=${FREE_STEPS:-1000}
 EVAL_STEPS=${EVAL_STEPS:-0,250,500,1000}
 BUDGET_S=${BUDGET_S:-440} # stepping ends then; evaluation and comparison take ~70 s more
+PHASES=${PHASES:-exact,f64,free}
 # The shapes (a CPU smoke run of this script: SIZE=32 MODEL=tiny TEACHER=dinov2-tiny TEACHER_RES=112)
 SIZE=${SIZE:-256}
 MODEL=${MODEL:-f16d32}
@@ -68,49 +74,75 @@ start() { # name, command words...
   "$@" >"$W/logs/$name.log" 2>&1 &
   PIDS[$name]=$!
 }
+has() { [[ ",$PHASES," == *",$1,"* ]]; }
+rm -f "$W/f64_done"
+has f64 || touch "$W/f64_done"
 # shellcheck disable=SC2086 # the command strings split into words on purpose
 {
-  start ours_exact $OURS --phase=exact --steps="$EXACT_STEPS" --out="$W/ours_exact.jsonl"
-  start ours_free $OURS --phase=free $FREE --tag=ours_free --out="$W/ours_free.jsonl"
+  has exact && start ours_exact $OURS --phase=exact --steps="$EXACT_STEPS" --out="$W/ours_exact.jsonl"
+  has free && start ours_free $OURS --phase=free $FREE --tag=ours_free --out="$W/ours_free.jsonl" \
+    --export_final="$W/tokenizer"
 
-  log "make: image caches, random teacher and LPIPS, the reference's init"
-  python3 $P/vavae_make_init.py make --root="$DATA" --out="$W" --size="$SIZE" \
-    --teacher_preset="$TEACHER" --teacher_resolution="$TEACHER_RES" --ref_dir="$REF" \
-    --model="$MODEL" --disc_start="$DISC_START" --workers="$(nproc)" >"$W/logs/make.log" 2>&1 ||
-    { tail -30 "$W/logs/make.log"; exit 1; }
-  start ref_exact $REFRUN --phase=exact --init="$W/init.pt" --steps="$EXACT_STEPS" --out="$W/ref_exact.jsonl"
-  start ref_f64 $REFRUN --phase=exact --float64 --init="$W/init.pt" --steps="$F64_STEPS" --out="$W/ref_f64.jsonl"
+  if [ -f "$W/init.pt" ] && [ -d "$W/cache" ]; then
+    log "make: reusing $W (image caches, teacher, LPIPS, init)"
+  else
+    log "make: image caches, random teacher and LPIPS, the reference's init"
+    python3 $P/vavae_make_init.py make --root="$DATA" --out="$W" --size="$SIZE" \
+      --teacher_preset="$TEACHER" --teacher_resolution="$TEACHER_RES" --ref_dir="$REF" \
+      --model="$MODEL" --disc_start="$DISC_START" --workers="$(nproc)" >"$W/logs/make.log" 2>&1 ||
+      { tail -30 "$W/logs/make.log"; exit 1; }
+  fi
+  if has exact || has f64; then
+    start ref_exact $REFRUN --phase=exact --init="$W/init.pt" --steps="$EXACT_STEPS" --out="$W/ref_exact.jsonl"
+  fi
+  has f64 && start ref_f64 $REFRUN --phase=exact --float64 --init="$W/init.pt" --steps="$F64_STEPS" --out="$W/ref_f64.jsonl"
 
-  log "convert (launch/convert.py lpips, vavae)"
-  python3 launch/convert.py lpips --vgg="$W/vgg16_random.pth" --heads="$W/lpips_heads_random.pth" \
-    --out="$W/lpips.npz" >"$W/logs/convert_lpips.log" 2>&1 || tail -30 "$W/logs/convert_lpips.log"
-  python3 launch/convert.py vavae --pt="$W/init.pt" --out="$W/init" --preset="$MODEL" \
-    >"$W/logs/convert_vavae.log" 2>&1 || tail -30 "$W/logs/convert_vavae.log"
-  touch "$W/converted"
-  wait "${PIDS[ref_f64]}"
-  log "ref_f64 ended (rc=$?); $(tail -1 "$W/logs/ref_f64.log" | cut -c1-300)"
-  unset "PIDS[ref_f64]"
-  touch "$W/f64_done"
-  start ref_free_s0 $REFRUN --phase=free --init="$W/init.pt" --seed=0 $FREE --tag=ref_free_s0 --out="$W/ref_free_s0.jsonl"
-  start ref_free_s1 $REFRUN --phase=free --seed=1 $FREE --tag=ref_free_s1 --out="$W/ref_free_s1.jsonl"
+  if [ -f "$W/converted" ]; then
+    log "convert: reusing $W/lpips.npz and $W/init"
+  else
+    log "convert (launch/convert.py lpips, vavae)"
+    python3 launch/convert.py lpips --vgg="$W/vgg16_random.pth" --heads="$W/lpips_heads_random.pth" \
+      --out="$W/lpips.npz" >"$W/logs/convert_lpips.log" 2>&1 || tail -30 "$W/logs/convert_lpips.log"
+    python3 launch/convert.py vavae --pt="$W/init.pt" --out="$W/init" --preset="$MODEL" \
+      >"$W/logs/convert_vavae.log" 2>&1 || tail -30 "$W/logs/convert_vavae.log"
+    touch "$W/converted"
+  fi
+  if has f64; then
+    wait "${PIDS[ref_f64]}"
+    log "ref_f64 ended (rc=$?); $(tail -1 "$W/logs/ref_f64.log" | cut -c1-300)"
+    unset "PIDS[ref_f64]"
+    touch "$W/f64_done"
+  fi
+  if has free; then
+    start ref_free_s0 $REFRUN --phase=free --init="$W/init.pt" --seed=0 $FREE --tag=ref_free_s0 --out="$W/ref_free_s0.jsonl"
+    start ref_free_s1 $REFRUN --phase=free --seed=1 $FREE --tag=ref_free_s1 --out="$W/ref_free_s1.jsonl"
+  fi
 }
 for name in "${!PIDS[@]}"; do
   wait "${PIDS[$name]}" && s=ok || s="FAILED rc=$?"
   log "$name: $s; $(grep -v '^\s*$' "$W/logs/$name.log" | tail -1 | cut -c1-500)"
 done
 
-log "evaluate the reconstructions"
-python3 $P/vavae_ours.py eval --cache="$W/cache" --lpips="$W/lpips.npz" --out="$W/eval.json" \
-  "$W"/recon/*.npy >"$W/logs/eval.log" 2>&1 || tail -20 "$W/logs/eval.log"
+if has free; then
+  log "evaluate the reconstructions"
+  python3 $P/vavae_ours.py eval --cache="$W/cache" --lpips="$W/lpips.npz" --out="$W/eval.json" \
+    "$W"/recon/*.npy >"$W/logs/eval.log" 2>&1 || tail -20 "$W/logs/eval.log"
+fi
 log "compare"
-python3 $P/vavae_compare.py exact --ours="$W/ours_exact.jsonl" --ref="$W/ref_exact.jsonl" \
-  --ref64="$W/ref_f64.jsonl" --json="$OUT/vavae_exact.json" --plot="$OUT/vavae_exact.png" \
-  2>"$W/logs/compare_exact.log" || tail -20 "$W/logs/compare_exact.log"
-python3 $P/vavae_compare.py free --ours="$W/ours_free.jsonl" \
-  --refs "$W/ref_free_s0.jsonl" "$W/ref_free_s1.jsonl" --eval="$W/eval.json" \
-  --recon_dir="$W/recon" --cache="$W/cache" --json="$OUT/vavae_free.json" \
-  --plot="$OUT/vavae_free.png" --grid="$OUT/vavae_recon.png" \
-  2>"$W/logs/compare_free.log" || tail -20 "$W/logs/compare_free.log"
+if has exact || has f64; then
+  ours_exact=$W/ours_exact.jsonl
+  [ -f "$ours_exact" ] || ours_exact=$W/ref_exact.jsonl # f64 alone: the reference against itself
+  python3 $P/vavae_compare.py exact --ours="$ours_exact" --ref="$W/ref_exact.jsonl" \
+    --ref64="$W/ref_f64.jsonl" --json="$OUT/vavae_exact.json" --plot="$OUT/vavae_exact.png" \
+    2>"$W/logs/compare_exact.log" || tail -20 "$W/logs/compare_exact.log"
+fi
+if has free; then
+  python3 $P/vavae_compare.py free --ours="$W/ours_free.jsonl" \
+    --refs "$W/ref_free_s0.jsonl" "$W/ref_free_s1.jsonl" --eval="$W/eval.json" \
+    --recon_dir="$W/recon" --cache="$W/cache" --json="$OUT/vavae_free.json" \
+    --plot="$OUT/vavae_free.png" --grid="$OUT/vavae_recon.png" \
+    2>"$W/logs/compare_free.log" || tail -20 "$W/logs/compare_free.log"
+fi
 [ -n "${SAMPLER:-}" ] && kill "$SAMPLER"
-(cd "$W" && tar -czf "$OUT/vavae_logs.tar.gz" logs ./*.jsonl eval.json)
+(cd "$W" && tar -czf "$OUT/vavae_logs.tar.gz" logs ./*.jsonl $(ls eval.json 2>/dev/null))
 log "done: $(ls "$OUT" | tr '\n' ' ')"

@@ -172,6 +172,8 @@ def cmd_train(args) -> dict:
         recon.save(state, pathlib.Path(args.recon_dir) / f"{args.tag}_step{done:05d}.npy")
     if args.save_final:
         save_flat(state, args.save_final)
+    if args.export_final:
+        export(ts, state, args.export_final, f"vavae_ours.py {args.phase} phase, step {done}")
     seconds = time.perf_counter() - start
     return dict(meta, log=str(args.out), steps_done=done, seconds=round(seconds, 1))
 
@@ -192,6 +194,27 @@ def save_flat(state, path) -> None:
             value = var.get_value() if hasattr(var, "get_value") else var
             flat[".".join([group, *map(str, keys)])] = np.asarray(value)
     np.savez(path, **flat)
+
+
+def export(ts, state, out_dir, source: str) -> None:
+    """The generator and PatchGAN of `state` as an export folder (`checkpoints.save_export`):
+    the tokenizer that `launch/extract_latents.py --tokenizer=` and the DiT parity run read."""
+    from flax import nnx
+
+    from vavae_jax import checkpoints
+
+    gen = nnx.merge(ts.gen_def, state["gen"], state["gen_rest"])
+    disc = nnx.merge(ts.disc_def, state["disc"], state["disc_stats"])
+    checkpoints.save_export(
+        out_dir,
+        gen.autoencoder,
+        linear_proj=gen.linear_proj.kernel.get_value() if hasattr(gen, "linear_proj") else None,
+        logvar=gen.logvar.get_value(),
+        discriminator=disc,
+        discriminator_config=disc.config,
+        source=source,
+    )
+    print(f"exported the step-{source.rsplit(' ', 1)[-1]} weights to {out_dir}", flush=True)
 
 
 class Reconstructor:
@@ -272,6 +295,7 @@ def main(argv=None) -> dict:
     q.add_argument("--recon_dir", default="")
     q.add_argument("--tag", default="ours")
     q.add_argument("--save_final", default="", help="npz of the final weights (diagnostics)")
+    q.add_argument("--export_final", default="", help="export folder of the final weights")
     q.add_argument("--deadline", type=float, default=0, help="unix time: stop stepping then")
     q.add_argument("--out", required=True)
     q = sub.add_parser("eval")
