@@ -20,7 +20,6 @@ import logging
 import pathlib
 from collections.abc import Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -239,8 +238,10 @@ def load_converted(out_dir: str | pathlib.Path, config: LightningDiTConfig) -> L
             raise ValueError(
                 f"{out_dir} was converted for another architecture; (saved, requested): {diff}"
             )
+    from vavae_jax.runtime.checkpoint import on_local_device
+
     graphdef, state = nnx.split(abstract_model(config))
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
+    target = on_local_device(nnx.to_pure_dict(state))  # restorable where it was not converted
     restored = ocp.StandardCheckpointer().restore(state_path, target)
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)

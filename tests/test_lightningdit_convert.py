@@ -1,6 +1,7 @@
 """Official LightningDiT checkpoints: `.pt` files written with torch -> NNX / Orbax, strictly."""
 
 import dataclasses
+import pathlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -55,6 +56,16 @@ def _params(model):
     }
 
 
+def as_if_saved_on_gpu(state_dir) -> None:
+    """Rewrites the sharding metadata of an Orbax checkpoint as a GPU host writes it ("cuda:0"):
+    a file converted on one platform and restored on another (the H200 run of issue 18 failed
+    with "Topology mismatch detected" when a CPU-converted init was restored on the GPU)."""
+    path = pathlib.Path(state_dir) / "_sharding"
+    text = path.read_text()
+    assert "cpu:0" in text, text[:200]
+    path.write_text(text.replace("cpu:0", "cuda:0"))
+
+
 def test_official_checkpoint_converts_to_orbax_with_equal_outputs(tmp_path, paper):
     config, state, fx = paper
     adam_state = {
@@ -82,6 +93,12 @@ def test_official_checkpoint_converts_to_orbax_with_equal_outputs(tmp_path, pape
         np.testing.assert_array_equal(raw[k], direct[k], err_msg=k)
     assert not np.array_equal(
         raw["blocks.attn.qkv.kernel"], _params(model)["blocks.attn.qkv.kernel"]
+    )
+
+    as_if_saved_on_gpu(raw_dir / "state")  # converted on another platform: still restores
+    np.testing.assert_array_equal(
+        _params(load_converted(raw_dir, config))["blocks.attn.qkv.kernel"],
+        raw["blocks.attn.qkv.kernel"],
     )
 
     with pytest.raises(FileExistsError):

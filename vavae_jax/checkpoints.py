@@ -257,6 +257,7 @@ def load_export(out_dir: str | pathlib.Path, *, dtype: str | None = None) -> dic
     from vavae_jax import discriminator as disc_lib
     from vavae_jax import foundation
     from vavae_jax import lpips as lpips_lib
+    from vavae_jax.runtime.checkpoint import on_local_device
 
     out_dir = pathlib.Path(out_dir).resolve()
     meta = read_export_meta(out_dir)
@@ -291,7 +292,9 @@ def load_export(out_dir: str | pathlib.Path, *, dtype: str | None = None) -> dic
                 for k, v in flat_params(teacher, nnx.Param).items()
             }
         )
-    restored = ocp.StandardCheckpointer().restore(out_dir / STATE_DIR, target)
+    # On this process's device: exports hold numpy arrays (no saved sharding), but an export
+    # written from device arrays names their platform, and would not restore on another.
+    restored = ocp.StandardCheckpointer().restore(out_dir / STATE_DIR, on_local_device(target))
     result: dict[str, Any] = {"config": cfg, "meta": meta}
     result["autoencoder"] = _fill(ae, _flatten(restored["autoencoder"]), "autoencoder", nnx.Param)
     result["linear_proj"] = (

@@ -149,6 +149,16 @@ def abstract_like(tree: Any) -> Any:
     return jax.tree.map(to_abstract, tree)
 
 
+def on_local_device(tree: Any) -> Any:
+    """Restore targets (ShapeDtypeStructs) placed on this process's first device.
+
+    Orbax restores a target without a sharding with the sharding saved in the checkpoint, and
+    refuses when that names another topology: a file converted on a CPU host, restored on a GPU
+    ("Topology mismatch detected"). Targets with a sharding restore anywhere."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+
+
 def save_json(path, obj: Any) -> None:
     path = as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
