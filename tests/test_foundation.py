@@ -511,3 +511,16 @@ def test_load_errors(tmp_path):
         F.load_dinov2(tmp_path / "missing")
     with pytest.raises(ValueError, match="is a file"):
         F.load_dinov2(good / "config.json")
+
+
+def test_hub_id_without_network_or_cache_names_the_fix(tmp_path, monkeypatch):
+    """A hub id on a machine with no internet (GPU hosts often) and an empty cache: one error
+    that says so and how to pass a local folder, not the hub client's traceback."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(
+        FileNotFoundError, match="not in the local Hugging Face cache.*teacher.path"
+    ):
+        F.load_dinov2("facebook/dinov2-large")

@@ -704,13 +704,23 @@ def _resolve_folder(path_or_hub_id: str | pathlib.Path, revision: str | None) ->
             f"facebook/dinov2-large, or one of {sorted(HUB_IDS)})"
         )
     from huggingface_hub import snapshot_download  # only when the user asks for a download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     patterns = ["config.json", "*.safetensors", "model.safetensors.index.json"]
-    folder = pathlib.Path(
-        snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=patterns)
-    )
-    if not any((folder / f).is_file() for f in _WEIGHT_FILES[:2]):  # a Flax-only repository
-        snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=[_WEIGHT_FILES[2]])
+    try:
+        folder = pathlib.Path(
+            snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=patterns)
+        )
+        if not any((folder / f).is_file() for f in _WEIGHT_FILES[:2]):  # a Flax-only repository
+            snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=[_WEIGHT_FILES[2]])
+    except LocalEntryNotFoundError as e:  # no network and not in the local hub cache
+        raise FileNotFoundError(
+            f"DINOv2 {repo_id!r} is not in the local Hugging Face cache and the hub cannot be "
+            f"reached ({type(e).__name__}). On a machine without internet, download it "
+            f"elsewhere (`huggingface-cli download {repo_id}`, or transformers' "
+            f"Dinov2Model.from_pretrained(...).save_pretrained(folder)) and pass that folder, "
+            f"e.g. --config.teacher.path=/path/to/dinov2-large"
+        ) from e
     return folder
 
 

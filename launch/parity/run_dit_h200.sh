@@ -12,6 +12,7 @@
 # DATA=.data/imagenette-parity (train/ and val/ image folders), WORK=runs/dit_parity,
 # REF=.ref/LightningDiT, PRESET=B/1, BATCH=64, STEPS=3000, K=50, CKPT=0,1000,2000,3000,
 # RESOLUTION=256, VAL_COUNT=500, OUT (default $WORK/out; the device tool's $OUT when set);
+# MEM_EXTRACT (0.3: each extraction's share of the GPU memory; lower beside other runs),
 # REF_FLAGS / SAMPLE_FLAGS / EXTRACT_FLAGS (default --batch_size=64) are passed through (CPU
 # smoke runs: REF_FLAGS=--compile=off, SAMPLE_FLAGS=--num_steps=20).
 #
@@ -96,7 +97,7 @@ need_tokenizer() {
 
 stage_prep() {
   need_tokenizer
-  local ex="XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 python3 launch/extract_latents.py \
+  local ex="XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_EXTRACT:-0.3} python3 launch/extract_latents.py \
  --tokenizer=$TOKENIZER --source=folder --resolution=$RESOLUTION $EXTRACT_FLAGS"
   parallel \
     "extract_train|$ex --root=$DATA/train --out_dir=$WORK/latents/train" \

@@ -23,9 +23,14 @@
 #   then   ours evaluates every saved reconstruction of the 500 val images (PSNR / SSIM /
 #          LPIPS, the LPIPS random) and vavae_compare.py writes the verdicts and figures
 # PHASES (default exact,f64,free) picks the runs: exact = ours_exact + ref_exact, f64 = ref_f64
-# (with ref_exact when exact is not picked), free = ours_free + ref_free_s0 + ref_free_s1. A second
-# command on the same warm machine reuses $W (make and convert are skipped when their files are
-# there), e.g. PHASES=free first, then PHASES=f64 EXACT_STEPS=20 for the round-off control.
+# (with ref_exact when exact is not picked), free = ours_free + ref_free_s0 + ref_free_s1,
+# free32 = ours_free32 (ours in float32, the free phase's other settings: which differences are
+# bf16's). A second command on the same warm machine reuses $W (make and convert are skipped when
+# their files are there), e.g. PHASES=free first, then PHASES=f64 EXACT_STEPS=20.
+# The reference steps at ~1.7 steps/s at batch 8, so 1000 free steps take two commands: every
+# free reference run saves its state at its end ($W/<run>.state.pt); RESUME=1 continues the free
+# references from there (ours, done in the first command, are not run again) and the comparison
+# then covers the whole run.
 # ours_free writes its final weights to $W/tokenizer (an export folder: the DiT run's TOKENIZER).
 # Work files go under $W, the results (6 small files) under $OUT.
 set -uo pipefail
@@ -41,6 +46,7 @@ FREE_STEPS=${FREE_STEPS:-1000}
 EVAL_STEPS=${EVAL_STEPS:-0,250,500,1000}
 BUDGET_S=${BUDGET_S:-440} # stepping ends then; evaluation and comparison take ~70 s more
 PHASES=${PHASES:-exact,f64,free}
+RESUME=${RESUME:-0}
 # The shapes (a CPU smoke run of this script: SIZE=32 MODEL=tiny TEACHER=dinov2-tiny TEACHER_RES=112)
 SIZE=${SIZE:-256}
 MODEL=${MODEL:-f16d32}
@@ -80,8 +86,14 @@ has f64 || touch "$W/f64_done"
 # shellcheck disable=SC2086 # the command strings split into words on purpose
 {
   has exact && start ours_exact $OURS --phase=exact --steps="$EXACT_STEPS" --out="$W/ours_exact.jsonl"
-  has free && start ours_free $OURS --phase=free $FREE --tag=ours_free --out="$W/ours_free.jsonl" \
-    --export_final="$W/tokenizer"
+  if has free && [ "$RESUME" != 1 ]; then
+    start ours_free $OURS --phase=free $FREE --tag=ours_free --out="$W/ours_free.jsonl" \
+      --export_final="$W/tokenizer"
+  fi
+  if has free32 && [ "$RESUME" != 1 ]; then
+    start ours_free32 $OURS --phase=free --dtype=float32 $FREE --tag=ours_free32 \
+      --out="$W/ours_free32.jsonl"
+  fi
 
   if [ -f "$W/init.pt" ] && [ -d "$W/cache" ]; then
     log "make: reusing $W (image caches, teacher, LPIPS, init)"
@@ -114,8 +126,14 @@ has f64 || touch "$W/f64_done"
     touch "$W/f64_done"
   fi
   if has free; then
-    start ref_free_s0 $REFRUN --phase=free --init="$W/init.pt" --seed=0 $FREE --tag=ref_free_s0 --out="$W/ref_free_s0.jsonl"
-    start ref_free_s1 $REFRUN --phase=free --seed=1 $FREE --tag=ref_free_s1 --out="$W/ref_free_s1.jsonl"
+    for s in 0 1; do
+      run=ref_free_s$s
+      from="--init=$W/init.pt" # seed 1: its own init (the spread of two seeds includes the init)
+      [ $s = 1 ] && from=""
+      [ "$RESUME" = 1 ] && from="--resume_state=$W/$run.state.pt"
+      start $run $REFRUN --phase=free $from --seed=$s $FREE --tag=$run --out="$W/$run.jsonl" \
+        --save_state="$W/$run.state.pt"
+    done
   fi
 }
 for name in "${!PIDS[@]}"; do
@@ -123,7 +141,7 @@ for name in "${!PIDS[@]}"; do
   log "$name: $s; $(grep -v '^\s*$' "$W/logs/$name.log" | tail -1 | cut -c1-500)"
 done
 
-if has free; then
+if has free || has free32; then
   log "evaluate the reconstructions"
   python3 $P/vavae_ours.py eval --cache="$W/cache" --lpips="$W/lpips.npz" --out="$W/eval.json" \
     "$W"/recon/*.npy >"$W/logs/eval.log" 2>&1 || tail -20 "$W/logs/eval.log"
@@ -137,7 +155,9 @@ if has exact || has f64; then
     2>"$W/logs/compare_exact.log" || tail -20 "$W/logs/compare_exact.log"
 fi
 if has free; then
-  python3 $P/vavae_compare.py free --ours="$W/ours_free.jsonl" \
+  f32=""
+  [ -f "$W/ours_free32.jsonl" ] && f32="--ours_f32=$W/ours_free32.jsonl"
+  python3 $P/vavae_compare.py free --ours="$W/ours_free.jsonl" $f32 \
     --refs "$W/ref_free_s0.jsonl" "$W/ref_free_s1.jsonl" --eval="$W/eval.json" \
     --recon_dir="$W/recon" --cache="$W/cache" --json="$OUT/vavae_free.json" \
     --plot="$OUT/vavae_free.png" --grid="$OUT/vavae_recon.png" \

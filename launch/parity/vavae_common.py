@@ -147,10 +147,11 @@ def posterior_eps(seed: int, step: int, shape_nhwc: tuple[int, ...]) -> np.ndarr
 class LogWriter:
     """JSON lines, one per step: {"step": i, "time": s, <LOG_KEYS present>}."""
 
-    def __init__(self, path, meta: dict):
+    def __init__(self, path, meta: dict, *, append: bool = False):
+        """`append`: a resumed run adds its rows (after a second meta line) to its log."""
         self.path = pathlib.Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = self.path.open("w")
+        self.file = self.path.open("a" if append else "w")
         self.file.write(json.dumps({"meta": meta}) + "\n")
 
     def write(self, step: int, values: dict, seconds: float) -> None:

@@ -113,23 +113,19 @@ def cmd_free(args) -> dict:
         f"ours ({meta.get('compute_dtype')})",
         *[f"reference seed {i}" for i in range(len(refs))],
     ]
-    runs = dict(zip(labels, [ours, *refs]))
-    out: dict = dict(window=args.smooth, curves={}, failed_reference_runs=failed)
-    n = min(len(r["step"]) for r in runs.values())
-    keys = [k for k in FREE_KEYS if k in ours]
-    smoothed = [{k: common.smooth(log[k], args.smooth) for k in keys} for log in (ours, *refs)]
-    for step in sorted({min(int(s), n) for s in args.at.split(",")} | {n}):
-        values = {k: [float(s[k][step - 1]) for s in smoothed] for k in keys}
-        out["curves"][step] = {k: _within(v[0], v[1:]) for k, v in values.items()}
-    if args.eval:
-        table = _eval_table(args.eval)
-        out["metrics"] = {}  # at the steps where ours and every reference seed saved one
-        for step, values in sorted(table.get(args.ours_tag, {}).items()):
-            refs_at = [table[t][step] for t in args.ref_tags if step in table.get(t, {})]
-            if len(refs_at) == len(args.ref_tags):
-                out["metrics"][step] = {
-                    m: _within(v, [r[m] for r in refs_at]) for m, v in values.items()
-                }
+    ours_runs = {"": (ours, args.ours_tag)}  # verdict suffix: (log, recon tag)
+    if args.ours_f32:  # ours in float32 too: which free-phase differences are bf16's
+        meta32, ours32 = common.read_log(args.ours_f32)
+        labels.insert(1, f"ours ({meta32.get('compute_dtype')})")
+        ours_runs["_float32"] = (ours32, args.ours_f32_tag)
+    runs = dict(zip(labels, [ours for ours, _ in ours_runs.values()] + refs))
+    out: dict = dict(window=args.smooth, failed_reference_runs=failed)
+    table = _eval_table(args.eval) if args.eval else None
+    for suffix, (log, tag) in ours_runs.items():
+        out["curves" + suffix] = _curves(log, refs, args)
+        if table is not None:
+            out["metrics" + suffix] = _metrics(table, tag, args.ref_tags)
+    if table is not None:
         out["eval"] = table
     if args.plot:
         title = f"VA-VAE free phase (moving average over {args.smooth} steps)"
@@ -139,11 +135,35 @@ def cmd_free(args) -> dict:
     return out
 
 
+def _curves(ours: dict, refs: list[dict], args) -> dict:
+    """{step: {term: ours' moving average inside the references'?}} at --at and the last step
+    all of them reached."""
+    n = min(len(r["step"]) for r in [ours, *refs])
+    keys = [k for k in FREE_KEYS if k in ours]
+    smoothed = [{k: common.smooth(log[k], args.smooth) for k in keys} for log in (ours, *refs)]
+    out = {}
+    for step in sorted({min(int(s), n) for s in args.at.split(",")} | {n}):
+        values = {k: [float(s[k][step - 1]) for s in smoothed] for k in keys}
+        out[step] = {k: _within(v[0], v[1:]) for k, v in values.items()}
+    return out
+
+
+def _metrics(table: dict, tag: str, ref_tags: list[str]) -> dict:
+    """Val metrics of run `tag` against the references' at the steps where all saved one."""
+    out = {}
+    for step, values in sorted(table.get(tag, {}).items()):
+        refs_at = [table[t][step] for t in ref_tags if step in table.get(t, {})]
+        if len(refs_at) == len(ref_tags):
+            out[step] = {m: _within(v, [r[m] for r in refs_at]) for m, v in values.items()}
+    return out
+
+
 def recon_grid(args) -> str:
     """Val images, then each run's reconstructions at its last saved step (8 columns)."""
     rd = pathlib.Path(args.recon_dir)
     rows = [common.load_cache(args.cache, "val")[:8]] if args.cache else []
-    for tag in [args.ours_tag, *args.ref_tags]:
+    ours_f32 = [args.ours_f32_tag] if args.ours_f32 else []
+    for tag in [args.ours_tag, *ours_f32, *args.ref_tags]:
         files = sorted(rd.glob(f"{tag}_step*.npy"))
         if files:
             rec = np.load(files[-1], mmap_mode="r")[:8].astype(np.float32)
@@ -167,6 +187,8 @@ def main(argv=None) -> dict:
     q.add_argument("--refs", nargs="+", required=True)
     q.add_argument("--eval", default="", help="vavae_ours.py eval's json")
     q.add_argument("--ours_tag", default="ours_free")
+    q.add_argument("--ours_f32", default="", help="log of ours in float32 (optional)")
+    q.add_argument("--ours_f32_tag", default="ours_free32")
     q.add_argument("--ref_tags", nargs="*", default=["ref_free_s0", "ref_free_s1"])
     q.add_argument("--at", default="250,500,1000", help="steps of the curve comparison")
     q.add_argument("--smooth", type=int, default=50)
@@ -192,12 +214,14 @@ def _short(out: dict) -> dict:
         if name.endswith(("_vs_ref", "_vs_ref64")):
             keep = ("steps_compared", "first_departure", "worst_in_window", "within_tol")
             short[name] = {k: table[k] for k in keep}
-    for step, metrics in out.get("metrics", {}).items():
-        short[f"metrics@{step}"] = {m: (round(v["ours"], 4), round(v["ref_min"], 4),
-                                        round(v["ref_max"], 4), v["inside"])
-                                    for m, v in metrics.items()}  # fmt: skip
-    for step, curves in out.get("curves", {}).items():
-        short[f"curves_inside@{step}"] = sorted(k for k, v in curves.items() if v["inside"])
+    for suffix in ("", "_float32"):
+        for step, metrics in out.get("metrics" + suffix, {}).items():
+            short[f"metrics{suffix}@{step}"] = {m: (round(v["ours"], 4), round(v["ref_min"], 4),
+                                                    round(v["ref_max"], 4), v["inside"])
+                                                for m, v in metrics.items()}  # fmt: skip
+        for step, curves in out.get("curves" + suffix, {}).items():
+            inside = sorted(k for k, v in curves.items() if v["inside"])
+            short[f"curves{suffix}_inside@{step}"] = inside
     return short
 
 

@@ -67,6 +67,8 @@ def make_config(args, batches: dict):
     if args.phase == "exact":
         c.dtype = "float32"
         c.loss.lpips_dropout = False
+    if args.dtype:  # e.g. the free phase in float32: is a free-phase difference bf16's?
+        c.dtype = args.dtype
     return c
 
 
@@ -289,6 +291,7 @@ def main(argv=None) -> dict:
     q.add_argument("--wait_for", default="", help="paths to wait for after the compile (,)")
     q.add_argument("--steps", type=int, required=True)
     q.add_argument("--disc_start", type=int, default=200)
+    q.add_argument("--dtype", default="", help="compute dtype (default: the phase's)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--noise_seed", type=int, default=0)
     q.add_argument("--eval_steps", default="")

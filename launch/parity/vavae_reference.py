@@ -44,6 +44,13 @@ Per step it writes the loss module's own log values (captured from its forward),
 norms of both optimizers' parameters and the generator's parameter norm, in vavae_common's
 format; at `--eval_steps` it saves the reconstructions (posterior mode) of the val cache.
 `--deadline` (unix time) stops the run early (Lightning's should_stop), evaluating that step too.
+
+Resume across device commands (the reference steps at 1.7 steps/s at batch 8: 1000 steps do not
+fit one 10-minute command): `--save_state=F` writes, when the run ends or stops, the trainable
+weights (the state dict without the frozen teacher and LPIPS), both Adam states, the iteration
+and torch's RNG states; a later run with `--resume_state=F` (same other flags) loads them, sets
+Lightning's optimizer-step count (the reference's `global_step`, which gates the GAN) to two per
+iteration done, continues the batch list and the noise at that iteration and appends to `--out`.
 """
 
 from __future__ import annotations
@@ -239,9 +246,11 @@ FROZEN_PREFIXES = ("foundation_model.", "loss.perceptual_loss.")
 
 
 def load_init(model, path) -> None:
+    """init.pt (a path) or an already loaded {"state_dict": ...} into `model`."""
     import torch
 
-    sd = torch.load(path, map_location="cpu")["state_dict"]
+    obj = path if isinstance(path, dict) else torch.load(path, map_location="cpu")
+    sd = obj["state_dict"]
     missing, unexpected = model.load_state_dict(sd, strict=False)
     bad = [k for k in missing if not k.startswith(FROZEN_PREFIXES)]
     if bad or unexpected:
@@ -287,6 +296,8 @@ def main(argv=None):
     p.add_argument("--float64", action="store_true", help="exact phase: a float64 control")
     p.add_argument("--deadline", type=float, default=0, help="unix time: stop stepping then")
     p.add_argument("--save_final", default="", help="the final weights, init.pt's format")
+    p.add_argument("--save_state", default="", help="resumable state written at the end")
+    p.add_argument("--resume_state", default="", help="continue from a --save_state file")
     p.add_argument("--out", required=True, help="per-step log (.jsonl)")
     args = p.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # jax only draws the shared noise (CPU)
@@ -308,15 +319,22 @@ def main(argv=None):
     import pytorch_lightning as pl
 
     model = build_model(args, args.seed)
-    if args.init:
+    resume = None
+    if args.resume_state:
+        resume = torch.load(args.resume_state, map_location="cpu", weights_only=False)
+        load_init(model, {"state_dict": resume["state_dict"]})
+    elif args.init:
         load_init(model, args.init)
     if args.float64:  # stub 6: get_input ends in .float(); the control needs float64 inputs
         get_input = model.get_input
         model.get_input = lambda batch, k: get_input(batch, k).double()
-    train(args, pl, torch, model, batches, train_u8)
+    train(args, pl, torch, model, batches, train_u8, resume)
 
 
-def train(args, pl, torch, model, batches, train_u8) -> None:
+def train(args, pl, torch, model, batches, train_u8, resume=None) -> None:
+    start = int(resume["step"]) if resume else 0  # iterations already done
+    if start >= args.steps:
+        raise SystemExit(f"{args.resume_state} is at step {start}: nothing left of --steps")
     eval_steps = {int(s) for s in args.eval_steps.split(",") if s}
     val = common.load_cache(args.cache, "val") if eval_steps else None
     captured: dict = {}
@@ -335,7 +353,9 @@ def train(args, pl, torch, model, batches, train_u8) -> None:
         tf32_cudnn=torch.backends.cudnn.allow_tf32, lpips_dropout=args.phase == "free",
         dtype="float64" if args.float64 else "float32",
     )  # fmt: skip
-    writer = common.LogWriter(args.out, meta)
+    if resume:
+        meta["resumed_at"] = start
+    writer = common.LogWriter(args.out, meta, append=bool(resume))
     recon_dir = pathlib.Path(args.recon_dir) if args.recon_dir else None
 
     def save_recon(step: int, module) -> None:
@@ -346,10 +366,21 @@ def train(args, pl, torch, model, batches, train_u8) -> None:
     class Recorder(pl.Callback):
         def on_train_start(self, trainer, module):
             self.start = time.perf_counter()
-            save_recon(0, module)
+            if resume:  # the optimizers exist now (configure_optimizers ran)
+                for opt, state in zip(trainer.optimizers, resume["optimizers"], strict=True):
+                    opt.load_state_dict(state)
+                progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+                progress.total.ready = progress.total.completed = 2 * start
+                if trainer.global_step != 2 * start:
+                    raise RuntimeError(f"global_step {trainer.global_step}, expected {2 * start}")
+                torch.set_rng_state(resume["rng_cpu"])
+                if resume["rng_cuda"] is not None and torch.cuda.is_available():
+                    torch.cuda.set_rng_state(resume["rng_cuda"])
+            else:
+                save_recon(0, module)
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            NOISE_STEP[0] = batch_idx
+            NOISE_STEP[0] = start + batch_idx
             module.loss.perceptual_loss.train(args.phase == "free")  # dropout: see docstring
             captured.clear()
 
@@ -364,19 +395,20 @@ def train(args, pl, torch, model, batches, train_u8) -> None:
             values = [
                 float(v.detach().double().cpu()) for v in [*captured.values(), *norms.values()]
             ]
-            writer.write(batch_idx, dict(zip(names, values)), time.perf_counter() - self.start)
+            step = start + batch_idx
+            writer.write(step, dict(zip(names, values)), time.perf_counter() - self.start)
             late = bool(args.deadline) and time.time() > args.deadline
-            if late and batch_idx + 1 < args.steps:  # the last state is evaluated too
-                eval_steps.add(batch_idx + 1)
+            if late and step + 1 < args.steps:  # the last state is evaluated too
+                eval_steps.add(step + 1)
                 trainer.should_stop = True
-            save_recon(batch_idx + 1, module)
+            save_recon(step + 1, module)
 
-    class Steps(torch.utils.data.Dataset):
+    class Steps(torch.utils.data.Dataset):  # the batch list from iteration `start` on
         def __len__(self):
-            return args.steps
+            return args.steps - start
 
         def __getitem__(self, i):
-            return {"image": torch.from_numpy(common.batch_at(train_u8, batches, i))}
+            return {"image": torch.from_numpy(common.batch_at(train_u8, batches, start + i))}
 
     trainer = pl.Trainer(
         accelerator="gpu" if torch.cuda.is_available() else "cpu",
@@ -398,6 +430,18 @@ def train(args, pl, torch, model, batches, train_u8) -> None:
         sd = {k: v for k, v in sd.items() if not k.startswith(FROZEN_PREFIXES)}
         torch.save({"state_dict": sd}, args.save_final)
     steps_done = trainer.global_step // 2  # two optimizer steps per iteration
+    if args.save_state:
+        sd = {k: v for k, v in model.state_dict().items() if not k.startswith(FROZEN_PREFIXES)}
+        torch.save(
+            dict(
+                state_dict=sd,
+                optimizers=[opt.state_dict() for opt in trainer.optimizers],
+                step=steps_done,
+                rng_cpu=torch.get_rng_state(),
+                rng_cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            ),
+            args.save_state,
+        )
     print(json.dumps(dict(meta, steps_done=steps_done, log=str(args.out))))
 
 
