@@ -26,9 +26,9 @@ TINY = vae_model.AutoencoderConfig(
 )
 
 
-def _fake_run(workdir: pathlib.Path, *, ema: bool, teacher_dim: int | None) -> Generator:
+def _fake_run(workdir: pathlib.Path, *, ema: bool, teacher_dim: int | None, disc=None) -> Generator:
     """A VA-VAE trainer run folder: config.json and a checkpoint whose state holds the
-    generator (and its EMA copy) as the trainer saves them."""
+    generator (and its EMA copy) and, with `disc`, that PatchGAN as the trainer saves them."""
     gen = Generator(TINY, teacher_dim, 0.25, rngs=nnx.Rngs(3))
     params = nnx.state(gen, nnx.Param)
     state = {"gen": params, "step": jnp.zeros((), jnp.int32)}
@@ -36,6 +36,12 @@ def _fake_run(workdir: pathlib.Path, *, ema: bool, teacher_dim: int | None) -> G
         state["ema"] = jax.tree.map(lambda x: x + 1.0, params)
     model = {f: getattr(TINY, f) for f in checkpoints.AUTOENCODER_ARCH_FIELDS}
     config = dict(trainer="vavae", dtype="float32", model=model, ema=dict(enabled=ema))
+    if disc is not None:
+        state["disc"], state["disc_stats"] = (
+            nnx.state(disc, nnx.Param),
+            nnx.state(disc, nnx.BatchStat),
+        )
+        config["loss"] = dict(disc_ndf=disc.config.ndf, disc_num_layers=disc.config.n_layers)
     workdir.mkdir(parents=True)
     (workdir / "config.json").write_text(json.dumps(config))
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
@@ -51,7 +57,16 @@ def _params(module):
 @pytest.mark.parametrize("ema", [False, True])
 @pytest.mark.slow
 def test_run_folder_loads_and_initialises_a_generator(tmp_path, ema):
-    saved = _fake_run(tmp_path / "run", ema=ema, teacher_dim=6)
+    from vavae_jax.discriminator import DiscriminatorConfig, NLayerDiscriminator
+
+    def patchgan(seed, ndf=8):
+        return NLayerDiscriminator(DiscriminatorConfig(ndf=ndf, n_layers=2), rngs=nnx.Rngs(seed))
+
+    saved_disc = patchgan(4) if ema else None  # one run with a PatchGAN, one without
+    if saved_disc is not None:  # BatchNorm statistics that differ from a fresh init's
+        stats = nnx.state(saved_disc, nnx.BatchStat)
+        nnx.update(saved_disc, jax.tree.map(lambda x: x + 0.5, stats))
+    saved = _fake_run(tmp_path / "run", ema=ema, teacher_dim=6, disc=saved_disc)
     shift = 1.0 if ema else 0.0
     ae, info = checkpoints.load_autoencoder(tmp_path / "run")
     assert info["ref"] == dict(
@@ -68,6 +83,16 @@ def test_run_folder_loads_and_initialises_a_generator(tmp_path, ema):
     checkpoints.load_into_generator(gen, tmp_path / "run", TINY)
     for got, want in zip(_params(gen), _params(saved)):
         np.testing.assert_array_equal(got, np.asarray(want) + shift)
+    # ... and its PatchGAN, weights and BatchNorm statistics (False: the run had none).
+    disc = patchgan(9)
+    assert checkpoints.load_into_discriminator(disc, tmp_path / "run", TINY) == ema
+    if ema:
+        got, want = checkpoints.flat_params(disc), checkpoints.flat_params(saved_disc)
+        assert set(got) == set(want) and any("mean" in k for k in got)
+        for k in want:
+            np.testing.assert_array_equal(got[k].get_value(), want[k].get_value(), k)
+        with pytest.raises(ValueError, match="run's PatchGAN"):
+            checkpoints.load_into_discriminator(patchgan(9, ndf=16), tmp_path / "run", TINY)
     other = vae_model.AutoencoderConfig(**{**TINY.__dict__, "ch": 64})
     with pytest.raises(ValueError, match=r"run's autoencoder differs.*'ch': \(32, 64\)"):
         checkpoints.load_into_generator(gen, tmp_path / "run", other)

@@ -216,6 +216,23 @@ def test_init_from_official_and_export(official, export_dir):
         w = official["sd"]["linear_proj.weight"].numpy().transpose(2, 3, 1, 0)
         np.testing.assert_array_equal(np.asarray(gen.linear_proj.kernel.get_value()), w)
         assert float(gen.logvar.get_value()) == pytest.approx(0.37)
+    # The PatchGAN too (weights and BatchNorm statistics), as the reference's init_from_ckpt.
+    from vavae_jax.discriminator import DiscriminatorConfig, NLayerDiscriminator
+
+    want_d = flat_params(checkpoints.load_export(export_dir)["discriminator"])
+    for source in (official["path"], export_dir):
+        disc = NLayerDiscriminator(DiscriminatorConfig(ndf=8, n_layers=2), rngs=nnx.Rngs(1))
+        nnx.update(disc, jax.tree.map(jnp.zeros_like, nnx.state(disc)))
+        assert checkpoints.load_into_discriminator(disc, source, cfg)
+        got_d = flat_params(disc)
+        assert set(got_d) == set(want_d) and any("mean" in k for k in got_d)
+        for k, v in want_d.items():
+            assert np.any(np.asarray(v.get_value()) != 0), k  # not a trivial match
+            np.testing.assert_array_equal(np.asarray(got_d[k].get_value()), v.get_value(), k)
+    wider = NLayerDiscriminator(DiscriminatorConfig(ndf=16, n_layers=2), rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError, match=r"PatchGAN \{'input_nc': 3, 'ndf': 8"):
+        checkpoints.load_into_discriminator(wider, export_dir, cfg)
+
     other = dataclasses.replace(cfg, z_channels=4, embed_dim=4)
     abstract = nnx.eval_shape(lambda: Generator(other, None, 0.0, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match=r"'z_channels': \(8, 4\)"):

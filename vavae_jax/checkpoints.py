@@ -557,3 +557,103 @@ def load_into_generator(gen: nnx.Module, path: str | pathlib.Path, ae_cfg: Autoe
     else:
         log.warning("init_from=%s has no loss.logvar: logvar keeps its init", path)
     log.info("init_from=%s: loaded autoencoder%s", path, " + linear_proj" if has_proj else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training's init_from: the PatchGAN (the reference's init_from_ckpt loads it with the rest)
+# ---------------------------------------------------------------------------------------------
+_DISC_ARCH_FIELDS = ("input_nc", "ndf", "n_layers")
+
+
+def _disc_arch(cfg) -> dict:
+    return {f: getattr(cfg, f) for f in _DISC_ARCH_FIELDS}
+
+
+def _run_discriminator(workdir: pathlib.Path, disc: nnx.Module) -> nnx.Module | None:
+    """The PatchGAN (weights and BatchNorm statistics) of a trainer run folder's latest
+    checkpoint, in a copy of `disc`'s structure; None when the checkpoint has none. A PatchGAN
+    of another shape (the run's config.json) is a ValueError naming both."""
+    import ml_collections
+    import orbax.checkpoint as ocp
+
+    from vavae_jax import discriminator as disc_lib
+    from vavae_jax.runtime import checkpoint as ckpt_lib
+    from vavae_jax.runtime.checkpoint import on_local_device
+
+    ckpt = ckpt_lib.Checkpointer(workdir / RUN_CHECKPOINTS, async_save=False)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no VA-VAE checkpoint in {ckpt.directory}")
+        if not any(k.startswith("disc/") for k in ckpt.state_metadata(step)):
+            return None
+        config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+        saved = disc_lib.DiscriminatorConfig(
+            input_nc=int(config.model.out_ch),
+            ndf=int(config.loss.disc_ndf),
+            n_layers=int(config.loss.disc_num_layers),
+        )
+        if _disc_arch(saved) != _disc_arch(disc.config):
+            raise ValueError(
+                f"init_from={workdir}: the run's PatchGAN {_disc_arch(saved)} differs from the "
+                f"configured {_disc_arch(disc.config)}; set --config.loss.disc_ndf / "
+                f"disc_num_layers to match"
+            )
+        module = nnx.eval_shape(lambda: disc_lib.NLayerDiscriminator(disc.config, rngs=nnx.Rngs(0)))
+        target = on_local_device(
+            {"disc": nnx.state(module, nnx.Param), "disc_stats": nnx.state(module, nnx.BatchStat)}
+        )
+        restored = ckpt.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True,
+                )
+            ),
+        )["state"]
+    finally:
+        ckpt.close()
+    nnx.update(module, restored["disc"], restored["disc_stats"])
+    return module
+
+
+def load_into_discriminator(
+    disc: nnx.Module, path: str | pathlib.Path, ae_cfg: AutoencoderConfig
+) -> bool:
+    """Initialises the trainer's PatchGAN (weights and BatchNorm statistics) from the
+    `init_from` source: an official `.pt` (`loss.discriminator.*`), our export folder or a
+    VA-VAE trainer run folder, as the reference's `init_from_ckpt` (load_state_dict with
+    strict=False) loads it together with the autoencoder. Returns False, logged, when the source
+    holds no PatchGAN (the discriminator then keeps its initialisation); a PatchGAN of another
+    shape is a ValueError naming both."""
+    path = pathlib.Path(path)
+    if path.is_dir() and is_run_folder(path):
+        src = _run_discriminator(path, disc)
+    elif path.is_dir():
+        src = load_export(path)["discriminator"]
+    else:
+        _, groups = convert.load_official(path, ae_cfg, skip=("lpips", "teacher"))
+        src = groups["discriminator"]
+    if src is None:
+        log.warning("init_from=%s has no PatchGAN: the discriminator keeps its init", path)
+        return False
+    if _disc_arch(src.config) != _disc_arch(disc.config):
+        raise ValueError(
+            f"init_from={path}: its PatchGAN {_disc_arch(src.config)} differs from the "
+            f"configured {_disc_arch(disc.config)}; set --config.loss.disc_ndf / disc_num_layers "
+            f"to match, or use another source"
+        )
+    for kind in (nnx.Param, nnx.BatchStat):
+        got, want = flat_params(src, kind), flat_params(disc, kind)
+        if set(got) != set(want):
+            raise ConversionError(
+                f"init_from={path}: PatchGAN names differ: only in the source "
+                f"{sorted(set(got) - set(want))[:10]}, only in the model "
+                f"{sorted(set(want) - set(got))[:10]}"
+            )
+        for k, var in want.items():
+            _set_like(var, got[k].get_value())
+    log.info("init_from=%s: loaded the PatchGAN (weights and BatchNorm statistics)", path)
+    return True

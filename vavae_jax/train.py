@@ -421,6 +421,11 @@ def run(
             _, state["gen"], state["gen_rest"] = nnx.split(gen, nnx.Param, ...)
             if "ema" in state:
                 state["ema"] = jax.tree.map(jnp.copy, state["gen"])
+            # The PatchGAN too, when the source has one (the reference's init_from_ckpt loads
+            # `loss.discriminator.*` with the rest).
+            disc = nnx.merge(train_step.disc_def, state["disc"], state["disc_stats"])
+            init_discriminator_from(disc, config.init_from, train_step.ae_config)
+            _, state["disc"], state["disc_stats"] = nnx.split(disc, nnx.Param, nnx.BatchStat)
             # Adam's moments start at zero whatever the weights: opt_g needs no new init.
         return state
 
@@ -505,3 +510,11 @@ def init_generator_from(gen: Generator, path: str, ae_cfg) -> None:
     from vavae_jax import checkpoints
 
     checkpoints.load_into_generator(gen, path, ae_cfg)
+
+
+def init_discriminator_from(disc, path: str, ae_cfg) -> bool:
+    """Loads the PatchGAN (weights and BatchNorm statistics) of the same sources; False (logged)
+    when the source holds none."""
+    from vavae_jax import checkpoints
+
+    return checkpoints.load_into_discriminator(disc, path, ae_cfg)

@@ -13,11 +13,11 @@ the `--init` export, `launch/convert.py vavae` of the reference's init.pt), the 
 (config.teacher.path, of shape `--teacher_preset`), the LPIPS file (config.lpips.path),
 disc_start and the batch size of the list, on one device. It compiles the step from these
 shapes first, then waits for `--wait_for` (the GPU sequence makes the files meanwhile), checks
-the files against the shapes and loads them. Generator (autoencoder, linear_proj, logvar) through
-`train.init_generator_from` (config.init_from's loader), the PatchGAN (weights and BatchNorm
-statistics) from the same export with `checkpoints.load_export` (init_from loads the generator
-only). Step i gets `vavae_common.step_key_bits(--noise_seed, i)`; the reference's exact phase
-draws its posterior noise from the same key.
+the files against the shapes and loads them: the generator (autoencoder, linear_proj, logvar)
+and the PatchGAN (weights and BatchNorm statistics) as the trainer's `config.init_from` loads
+them (`train.init_generator_from`, `train.init_discriminator_from`). Step i gets
+`vavae_common.step_key_bits(--noise_seed, i)`; the reference's exact phase draws its posterior
+noise from the same key.
 Phases: exact = float32 compute, `jax_default_matmul_precision="highest"`, LPIPS dropout off;
 free = the config's defaults (bfloat16 compute on GPU, default precision, LPIPS dropout on).
 At `--eval_steps` the reconstructions (posterior mode) of the val cache are saved as float16.
@@ -94,23 +94,23 @@ def check_export(config, init_path) -> None:
 
 
 def init_state(ts, init_path):
-    """The step's state with the generator and the PatchGAN of the export `init_path`."""
+    """The step's state with the generator and the PatchGAN of the export `init_path`, loaded
+    as the trainer's config.init_from loads them (`train.init_generator_from`,
+    `train.init_discriminator_from`)."""
     import jax
     from flax import nnx
 
-    from vavae_jax import checkpoints, train
+    from vavae_jax import train
 
     state = ts.init_state(jax.random.key(0))
     gen = nnx.merge(ts.gen_def, state["gen"], state["gen_rest"])
     train.init_generator_from(gen, init_path, ts.ae_config)
     _, state["gen"], state["gen_rest"] = nnx.split(gen, nnx.Param, ...)
-    disc = checkpoints.load_export(init_path)["discriminator"]
-    _, params, stats = nnx.split(disc, nnx.Param, nnx.BatchStat)
-    for key, value in (("disc", params), ("disc_stats", stats)):
-        if jax.tree.structure(value) != jax.tree.structure(state[key]):
-            raise ValueError(f"{init_path}: the discriminator's {key} differs from the step's")
-        state[key] = jax.device_put(value, ts.state_sharding[key])
-    return state
+    disc = nnx.merge(ts.disc_def, state["disc"], state["disc_stats"])
+    if not train.init_discriminator_from(disc, init_path, ts.ae_config):
+        raise SystemExit(f"{init_path} holds no PatchGAN: both sides must start from one")
+    _, state["disc"], state["disc_stats"] = nnx.split(disc, nnx.Param, nnx.BatchStat)
+    return jax.device_put(state, ts.state_sharding)
 
 
 def cmd_train(args) -> dict:
