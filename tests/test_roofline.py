@@ -158,7 +158,7 @@ def test_dry_run_cli(tmp_path):
     measurement (a missing case is an error naming it) and refuses to measure without a GPU."""
     out = tmp_path / "r.json"
     ref = _reference_json(tmp_path / "ref.json")
-    cmd = [sys.executable, ROOFLINE, "--train=B/1,4", "--forward=B/1,8;B/1,4"]
+    cmd = [sys.executable, ROOFLINE, "--train=B/1,4", "--forward=B/1,8;B/1,4", "--vae_train="]
     r = subprocess.run(
         [*cmd, "--dry_run", f"--reference_json={ref}", f"--out={out}"],
         capture_output=True,
@@ -184,3 +184,71 @@ def test_dry_run_cli(tmp_path):
     if jax.default_backend() != "gpu":
         r = subprocess.run([*cmd, f"--out={out}"], capture_output=True, text=True)
         assert r.returncode != 0 and "needs a GPU" in r.stderr
+
+
+def _conv(x, w):
+    return jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def test_op_census_counts_products_and_the_least_traffic_around_them():
+    """Exact bytes on programs small enough to count by hand: a product's output read once by
+    the activation after it, an activation written once for the product that reads it, inputs
+    and weights free, layout-only operations and jit boundaries transparent."""
+    from vavae_jax.costs import op_census
+
+    x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
+    w1 = jax.ShapeDtypeStruct((3, 3, 3, 4), jnp.float32)
+    w2 = jax.ShapeDtypeStruct((3, 3, 4, 5), jnp.float32)
+    act = 2 * 8 * 8 * 4 * 4  # bytes of conv 1's output, float32
+
+    one = op_census(lambda x, w: jnp.sum(jax.nn.silu(_conv(x, w))), x, w1)
+    assert (one.calls, one.product_reads, one.operand_writes) == (1, act, 0)
+    assert one.ops[0].flops == 2.0 * (2 * 8 * 8 * 4) * (3 * 3 * 3)
+    twice = op_census(  # two readers, one through a reshape: still read once
+        lambda x, w: jnp.sum(jax.nn.silu(y := _conv(x, w)) * jnp.tanh(y.reshape(y.shape))), x, w1
+    )
+    assert (twice.calls, twice.product_reads, twice.operand_writes) == (1, act, 0)
+
+    @jax.jit  # a call boundary, followed
+    def block(h, w):
+        return jax.nn.silu(h).reshape(h.shape).astype(jnp.float32)  # layout ops pass through
+
+    two = op_census(lambda x, w1, w2: _conv(block(_conv(x, w1), w2), w2), x, w1, w2)
+    assert (two.calls, two.product_reads, two.operand_writes) == (2, act, act)
+    assert len(two.ops) == 2
+
+    # The gradient: 2 forward convolutions, 3 backward ones (conv 2's data gradient, both
+    # weight gradients); the input gradient of conv 1 is not asked for.
+    def loss(w1, w2, x):
+        return jnp.sum(_conv(jax.nn.silu(_conv(x, w1)), w2) ** 2)
+
+    grad = op_census(jax.grad(loss, argnums=(0, 1)), w1, w2, x)
+    assert grad.calls == 5
+    assert {op.primitive for op in grad.ops} == {"conv_general_dilated"}
+
+    dots = op_census(lambda a, b: jnp.tanh(a @ b), jax.ShapeDtypeStruct((6, 7), jnp.bfloat16),
+                     jax.ShapeDtypeStruct((7, 9), jnp.bfloat16))  # fmt: skip
+    assert (dots.calls, dots.product_reads) == (1, 6 * 9 * 2)
+    assert dots.ops[0].flops == 2.0 * 6 * 9 * 7
+
+
+def test_vavae_step_census_and_dry_run(tmp_path):
+    """The real VA-VAE step's census (the small config): every network's products are there
+    (teacher matrices, autoencoder / LPIPS / PatchGAN convolutions, forward and backward), and
+    the roofline's dry run writes its plan."""
+    out = tmp_path / "vae.json"
+    cmd = [sys.executable, ROOFLINE, "--dry_run", "--train=", "--forward=", "--vae_train=4",
+           f"--vae_config={ROOT / 'configs/vavae_f16d32.py'}:small", f"--out={out}"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(out.read_text())["vae_train"]
+    assert row["batch"] == 4 and row["product_calls"] >= 40
+    assert sum(o["count"] for o in row["ops"]) == row["product_calls"]
+    kinds = {o["op"].split()[0] for o in row["ops"]}
+    assert kinds == {"conv_general_dilated", "dot_general"}
+    items = row["traffic_items_gb"]
+    assert items["adam_generator"] > items["adam_discriminator"] > 0
+    assert items["product_outputs_read"] > 0 and items["computed_operands_written"] > 0
+    assert "least other traffic" in r.stdout

@@ -1,4 +1,5 @@
-"""Lower bounds on the LightningDiT step times, measured on the device: can a target be reached?
+"""Lower bounds on the LightningDiT and VA-VAE step times, measured on the device: can a target
+be reached?
 
   python launch/bench/roofline.py --out=roofline.json      # GPU: measure, print, write JSON
   python launch/bench/roofline.py --dry_run                # any backend: the plan, no timing
@@ -17,6 +18,16 @@ on the device in the same run.
 The least traffic, the GEMM list and the sampler's call counts come from the config
 (`lightningdit_jax.costs`, whose docstring says what the traffic counts and why it is a lower
 bound); only the times are measured here.
+
+The VA-VAE train step (`--vae_train=BATCH`, the trainer's real step of configs/vavae_f16d32.py:
+autoencoder, LPIPS-VGG16, PatchGAN, DINOv2-L, both optimizers) has no attention worth the name
+and hundreds of convolutions; its list of convolutions and products and its least other traffic
+are read from the step's own program (`vavae_jax.costs.vavae_train_census`):
+
+    floor = sum over the step's convolution / product signatures of count x the kernel time of
+            one alone (convolution and GEMM kernels only; a layout copy XLA adds around a lone op
+            is not counted)
+          + least other traffic / bandwidth
 """
 
 from __future__ import annotations
@@ -57,6 +68,9 @@ REFERENCE = {
     "XL/1 sample b128": dict(design=3.6, same_session=3.54, ratio=1.5, unit="img/s"),
 }
 
+
+# The reference's best VA-VAE train step (img/s, H200, fp32 + TF32 at batch 32: DESIGN.md).
+VAE_REFERENCE_IMG_PER_S = 61.0
 
 # ---------------------------------------------------------------------------------------------
 # Measurement (GPU)
@@ -167,6 +181,108 @@ def spec_bandwidth(device_kind: str, override: float) -> float | None:
 # ---------------------------------------------------------------------------------------------
 
 
+def op_kernel_ms(op, tmp: str, steps: int = 3) -> dict[str, float]:
+    """Device time of one convolution / product signature of `vavae_jax.costs` run alone, random
+    operands: {"product_ms": its convolution and GEMM kernels, "all_ms": every kernel}."""
+    from vavae_jax.runtime import profiling
+
+    prim = {
+        "conv_general_dilated": jax.lax.conv_general_dilated_p,
+        "dot_general": jax.lax.dot_general_p,
+    }
+    keys = jax.random.split(jax.random.key(0), len(op.shapes))
+    args = [
+        jax.random.normal(k, s, jnp.float32).astype(d)
+        for k, s, d in zip(keys, op.shapes, op.dtypes, strict=True)
+    ]
+    params = op.params
+
+    def fn(*xs):
+        return prim[op.primitive].bind(*xs, **params)
+
+    compiled = jax.jit(fn).lower(*args).compile()
+    for _ in range(2):
+        jax.block_until_ready(compiled(*args))
+    summary = profiling.profile(lambda: compiled(*args), steps, tmp)
+    cats = summary["by_category_ms"]
+    return dict(
+        product_ms=sum(cats.get(c, 0.0) for c in ("convolution", "gemm", "attention")),
+        all_ms=summary["kernel_ms_per_step"],
+    )
+
+
+def vae_floor(
+    config_arg: str, batch: int, dtype: str, tmp: str, bw: tuple[float, float] | None
+) -> dict:
+    """The VA-VAE step's plan (dry run: bw None) or floor (bw = (datasheet, best measured))."""
+    from vavae_jax import costs
+    from vavae_jax.runtime import cli
+
+    config = cli.config_from_file(config_arg)
+    config.teacher.update(dict(path="", allow_random=True))  # shapes only: random is enough
+    config.lpips.update(dict(path="random", allow_random=True))
+    plan = costs.vavae_train_census(config, batch, dtype)
+    census = plan["census"]
+    nbytes = sum(plan["traffic"].values())
+    row = dict(
+        batch=batch,
+        dtype=dtype,
+        # issue 19's target: 3x the reference's best VA-VAE step (61 img/s, ../shared/DESIGN.md)
+        target_ms_3x_reference=batch / (3 * VAE_REFERENCE_IMG_PER_S) * 1e3,
+        product_tflop=census.flops / 1e12,
+        product_calls=census.calls,
+        product_signatures=len(census.ops),
+        params=plan["params"],
+        traffic_gb=nbytes / 1e9,
+        traffic_items_gb={k: v / 1e9 for k, v in plan["traffic"].items()},
+    )
+    print(
+        f"[VA-VAE train b{batch}] {census.calls} convolutions / products in "
+        f"{len(census.ops)} signatures, {row['product_tflop']:.1f} TFLOP; least other traffic "
+        f"{row['traffic_gb']:.1f} GB",
+        flush=True,
+    )
+    for k, v in plan["traffic"].items():
+        print(f"    {v / 1e9:7.2f} GB  {k}")
+    if bw is None:
+        row["ops"] = [
+            dict(op=op.describe(), count=op.count, tflop=op.flops * op.count / 1e12)
+            for op in census.ops
+        ]
+        return row
+    ops, t0 = [], time.perf_counter()
+    for i, op in enumerate(census.ops):
+        ms = op_kernel_ms(op, f"{tmp}/vae_op_{i}")
+        ops.append(
+            dict(
+                op=op.describe(),
+                count=op.count,
+                ms_each=ms["product_ms"],
+                ms=ms["product_ms"] * op.count,
+                all_kernels_ms_each=ms["all_ms"],
+                tflops=op.flops / max(ms["product_ms"], 1e-9) / 1e9,
+            )
+        )
+    row["ops"] = sorted(ops, key=lambda r: -r["ms"])
+    row["product_ms"] = sum(r["ms"] for r in ops)
+    row["traffic_ms_spec"] = nbytes / bw[0] * 1e3
+    row["traffic_ms_best"] = nbytes / bw[1] * 1e3
+    row["floor_ms_spec"] = row["product_ms"] + row["traffic_ms_spec"]
+    row["floor_ms_best"] = row["product_ms"] + row["traffic_ms_best"]
+    row["floor_img_per_s_best"] = batch / row["floor_ms_best"] * 1e3
+    print(
+        f"  convolutions + products {row['product_ms']:.1f} ms "
+        f"({row['product_tflop'] / row['product_ms'] * 1e3:.0f} TFLOP/s; {len(ops)} signatures "
+        f"timed in {time.perf_counter() - t0:.0f} s), traffic {row['traffic_ms_spec']:.1f} / "
+        f"{row['traffic_ms_best']:.1f} ms: floor {row['floor_ms_spec']:.1f} / "
+        f"{row['floor_ms_best']:.1f} ms ({row['floor_img_per_s_best']:.0f} img/s)",
+        flush=True,
+    )
+    for r in row["ops"][:15]:
+        print(f"    {r['ms']:7.2f} ms  {r['count']:3d} x {r['ms_each']:.3f}  {r['op']}")
+    return row
+
+
 def _config(preset: str, dtype: str):
     from lightningdit_jax.model import PRESETS
 
@@ -176,10 +292,10 @@ def _config(preset: str, dtype: str):
 def paths(args) -> list[dict]:
     """The paths of launch/bench/benchmark.py whose targets the issue sets."""
     out = []
-    for spec in args.train.split(";"):
+    for spec in filter(None, args.train.split(";")):
         preset, b = spec.split(",")
         out.append(dict(name=f"{preset} train b{b}", preset=preset, batch=int(b), train=True))
-    for spec in args.forward.split(";"):
+    for spec in filter(None, args.forward.split(";")):
         preset, b = spec.split(",")
         out.append(dict(name=f"{preset} forward b{b}", preset=preset, batch=int(b), train=False))
     return out
@@ -194,6 +310,16 @@ def main():
         help="';'-separated preset,batch (the sampler's guided and conditional-only calls)",
     )
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument(
+        "--vae_train",
+        default="32",
+        help="batch of the VA-VAE train step's floor (empty: skip); --train= --forward= skip the DiT",
+    )
+    p.add_argument(
+        "--vae_config",
+        default=str(pathlib.Path(__file__).resolve().parents[2] / "configs" / "vavae_f16d32.py"),
+        help="FILE[:variants] of the VA-VAE step (teacher and LPIPS: random, shapes only)",
+    )
     p.add_argument("--sample_preset", default="XL/1")
     p.add_argument("--sample_batch", type=int, default=128)
     p.add_argument("--sample_steps", type=int, default=250)
@@ -304,6 +430,9 @@ def main():
             sample[f"floor_s_{bw}"] = s
             sample[f"ceiling_img_per_s_{bw}"] = args.sample_batch / s
     results["sampler"] = sample
+    if args.vae_train:
+        bws = None if args.dry_run else (bw_spec, bw_best)
+        results["vae_train"] = vae_floor(args.vae_config, int(args.vae_train), args.dtype, tmp, bws)
     results["targets"] = _targets(results, args, reference)
     results["meta"] = dict(
         device=dev.device_kind, jax=jax.__version__, date=time.strftime("%Y-%m-%d"), argv=sys.argv
