@@ -14,10 +14,15 @@ subprocess with a time limit (a direct float8 `jnp.dot` was once seen compiling 
               into a cuBLASLt FP8 product; run with XLA's default flags and again with
               `--xla_allow_excess_precision=false` (the convert pairs may be folded away).
   bwd_e5m2    float8_e5m2 (a gradient) x float8_e4m3fn (a weight): the backward's data GEMM.
+  *_at0       the same with `--xla_gpu_autotune_level=0` (XLA's GEMM autotuning took 4.5-49 s per
+              FP8 shape in run 36: what does skipping it cost in speed?).
 
 For each: the median time of 8 independent products per call over `--iters` calls, the TFLOP/s,
 the error against float32, and whether the compiled HLO holds a cuBLASLt FP8 custom call
-(`__cublas$lt$matmul$f8`) — the proof that FP8 tensor cores ran, not a bf16 product.
+(`__cublas$lt$matmul$f8`) — the proof that FP8 tensor cores ran, not a bf16 product. On a GPU
+also the device kernel time of one call from a profile (`--profile`, default on), split into the
+GEMM kernels and the rest (quantisation, scaling, converts), with the GEMM kernels' names: the
+wall-clock figure of run 36 could not tell which of the two kept FP8 from its 2x.
 """
 
 from __future__ import annotations
@@ -37,11 +42,28 @@ SHAPES = [
     ("swiglu_in", 16384, 1152, 6144),
     ("swiglu_out", 16384, 3072, 1152),
 ]
-VARIANTS = ["bf16", "direct", "direct_qx", "qdq", "qdq_noexcess", "bwd_e5m2"]
+BASE_VARIANTS = ["bf16", "direct", "direct_qx", "qdq", "qdq_noexcess", "bwd_e5m2"]
+VARIANTS = BASE_VARIANTS + ["bf16_at0", "direct_at0", "direct_qx_at0", "bwd_e5m2_at0"]
+EXTRA_FLAGS = {
+    "noexcess": "--xla_allow_excess_precision=false",
+    "at0": "--xla_gpu_autotune_level=0",
+}
 COPIES = 8  # independent products per call: amortises the launch
 
 
-def _case(variant: str, iters: int, m_div: int) -> dict:
+def _kernels(compiled, args, logdir: str) -> dict:
+    """Device time of one call: GEMM kernels, everything else, the top kernels by name."""
+    from vavae_jax.runtime import profiling
+
+    summary = profiling.profile(lambda: compiled(*args), 5, logdir)
+    cats = summary["by_category_ms"]
+    gemm = cats.get("gemm", 0.0)
+    top = [dict(name=k["name"][:120], ms=k["ms"]) for k in summary.get("top_kernels", [])[:6]]
+    return dict(kernel_ms=summary["kernel_ms_per_step"], gemm_kernel_ms=gemm,
+                other_kernel_ms=summary["kernel_ms_per_step"] - gemm, top_kernels=top)  # fmt: skip
+
+
+def _case(variant: str, iters: int, m_div: int, profile: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
     from jax import lax
@@ -119,6 +141,14 @@ def _case(variant: str, iters: int, m_div: int) -> dict:
         med = statistics.median(times)
         y0 = ys[0].astype(jnp.float32)
         rel = float(jnp.linalg.norm(y0 - ref) / jnp.linalg.norm(ref))
+        kernels = {}
+        if profile and jax.default_backend() == "gpu":
+            import tempfile
+
+            kernels = _kernels(compiled, args, tempfile.mkdtemp(prefix=f"fp8_{variant}_{name}_"))
+            kernels["gemm_tflops"] = (
+                2 * m * k * n * COPIES / (kernels["gemm_kernel_ms"] * 1e-3) / 1e12
+            )
         out[name] = dict(
             m=m,
             k=k,
@@ -129,6 +159,7 @@ def _case(variant: str, iters: int, m_div: int) -> dict:
             rel_err_vs_f32=rel,
             fp8_cublaslt="__cublas$lt$matmul$f8" in hlo,
             fp8_in_hlo="f8e4m3fn" in hlo or "f8e5m2" in hlo,
+            **kernels,
         )
         print(variant, name, json.dumps(out[name]), flush=True)
     return out
@@ -141,20 +172,25 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--m_div", type=int, default=1, help="divide the token count (CPU smoke run)")
     p.add_argument("--out", default="fp8_probe.json")
+    p.add_argument(
+        "--profile", type=int, default=1, help="1: kernel times from a profile too (GPU only)"
+    )
     p.add_argument("--_one", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._one:
-        print("RESULT " + json.dumps(_case(args._one, args.iters, args.m_div)), flush=True)
+        result = _case(args._one, args.iters, args.m_div, bool(args.profile))
+        print("RESULT " + json.dumps(result), flush=True)
         return
     results = {}
     for v in args.variants.split(","):
         if v not in VARIANTS:
             raise SystemExit(f"--variants: {v!r} is not one of {VARIANTS}")
         env = dict(os.environ)
-        if v == "qdq_noexcess":
-            env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false"
-        cmd = [sys.executable, __file__, f"--_one={'qdq' if v == 'qdq_noexcess' else v}"]
-        cmd += [f"--iters={args.iters}", f"--m_div={args.m_div}"]
+        base, _, suffix = v.rpartition("_") if v.endswith(tuple(EXTRA_FLAGS)) else (v, "", "")
+        if suffix:
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {EXTRA_FLAGS[suffix]}".strip()
+        cmd = [sys.executable, __file__, f"--_one={base}"]
+        cmd += [f"--iters={args.iters}", f"--m_div={args.m_div}", f"--profile={args.profile}"]
         t0 = time.perf_counter()
         try:
             r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
