@@ -344,6 +344,27 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Trainer run folders (launch/train.py --config=configs/vavae_f16d32.py)
 # ---------------------------------------------------------------------------------------------
+def _restore_part(ckpt, step: int, target) -> Any:
+    """The groups of `target` (shapes) from the `state` item of a run's checkpoint `step`, on this
+    process's device; the rest of the state is not read."""
+    import orbax.checkpoint as ocp
+
+    from vavae_jax.runtime.checkpoint import on_local_device
+
+    target = on_local_device(target)
+    restored = ckpt.manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=target,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True,
+            )
+        ),
+    )
+    return restored["state"]
+
+
 def is_run_folder(path: str | pathlib.Path) -> bool:
     path = pathlib.Path(path)
     return (path / RUN_CHECKPOINTS).is_dir() and not (path / EXPORT_JSON).is_file()
@@ -357,7 +378,6 @@ def _read_run(
     (config.ema.enabled), else the trained generator's. A partial restore: only the autoencoder,
     plus the VF projection and logvar with `extras` (those the run has)."""
     import ml_collections
-    import orbax.checkpoint as ocp
 
     from vavae_jax.runtime import checkpoint as ckpt_lib
 
@@ -398,26 +418,12 @@ def _read_run(
             return Generator(ae_cfg, teacher_dim, 0.0, rngs=nnx.Rngs(0))
 
         module = nnx.eval_shape(build)
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        params = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-            nnx.state(module, nnx.Param),
-        )
+        params = nnx.state(module, nnx.Param)
         if not extras:
             params = {"autoencoder": params}
         elif not has_logvar:
             del params["logvar"]
-        target = {group: params}
-        restored = ckpt.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item=target,
-                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                    partial_restore=True,
-                )
-            ),
-        )
+        restored = {"state": _restore_part(ckpt, step, {group: params})}
     finally:
         ckpt.close()
     weights = restored["state"][group]
@@ -574,11 +580,9 @@ def _run_discriminator(workdir: pathlib.Path, disc: nnx.Module) -> nnx.Module | 
     checkpoint, in a copy of `disc`'s structure; None when the checkpoint has none. A PatchGAN
     of another shape (the run's config.json) is a ValueError naming both."""
     import ml_collections
-    import orbax.checkpoint as ocp
 
     from vavae_jax import discriminator as disc_lib
     from vavae_jax.runtime import checkpoint as ckpt_lib
-    from vavae_jax.runtime.checkpoint import on_local_device
 
     ckpt = ckpt_lib.Checkpointer(workdir / RUN_CHECKPOINTS, async_save=False)
     try:
@@ -600,19 +604,11 @@ def _run_discriminator(workdir: pathlib.Path, disc: nnx.Module) -> nnx.Module | 
                 f"disc_num_layers to match"
             )
         module = nnx.eval_shape(lambda: disc_lib.NLayerDiscriminator(disc.config, rngs=nnx.Rngs(0)))
-        target = on_local_device(
-            {"disc": nnx.state(module, nnx.Param), "disc_stats": nnx.state(module, nnx.BatchStat)}
-        )
-        restored = ckpt.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item=target,
-                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                    partial_restore=True,
-                )
-            ),
-        )["state"]
+        target = {
+            "disc": nnx.state(module, nnx.Param),
+            "disc_stats": nnx.state(module, nnx.BatchStat),
+        }
+        restored = _restore_part(ckpt, step, target)
     finally:
         ckpt.close()
     nnx.update(module, restored["disc"], restored["disc_stats"])

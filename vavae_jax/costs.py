@@ -133,6 +133,16 @@ def op_census(fn: Callable, *args) -> Census:
         def origin(v):
             return None if isinstance(v, jax.extend.core.Literal) else origins.get(v)
 
+        def meet(eqn, counted: str, table: dict, made: str) -> None:
+            """Counts the operands made by `counted` operations in `table` (once each); the
+            outputs are `made`."""
+            for v in eqn.invars:
+                o = origin(v)
+                if o is not None and o[0] == counted:
+                    table.setdefault(o[1], _nbytes(v.aval))
+            for v in eqn.outvars:
+                origins[v] = (made, next(ids))
+
         for eqn in jaxpr.eqns:
             name = eqn.primitive.name
             if name in UNSUPPORTED:
@@ -153,12 +163,7 @@ def op_census(fn: Callable, *args) -> Census:
                         params=dict(eqn.params),
                     )
                 ops[key].count += 1
-                for v in eqn.invars:
-                    o = origin(v)
-                    if o is not None and o[0] == "other":
-                        writes.setdefault(o[1], _nbytes(v.aval))
-                for v in eqn.outvars:
-                    origins[v] = ("product", next(ids))
+                meet(eqn, "other", writes, "product")
             elif name in PASS_THROUGH:
                 o = origin(eqn.invars[0])
                 for v in eqn.outvars:
@@ -175,12 +180,7 @@ def op_census(fn: Callable, *args) -> Census:
             elif subs:
                 raise NotImplementedError(f"op_census: {name!r} holds {len(subs)} sub-programs")
             else:
-                for v in eqn.invars:
-                    o = origin(v)
-                    if o is not None and o[0] == "product":
-                        reads.setdefault(o[1], _nbytes(v.aval))
-                for v in eqn.outvars:
-                    origins[v] = ("other", next(ids))
+                meet(eqn, "product", reads, "other")
         return [origin(v) for v in jaxpr.outvars]
 
     walk(closed.jaxpr, {})
