@@ -144,7 +144,11 @@ def main():
     p.add_argument("--ref_dir", required=True, help="A checkout of hustvl/LightningDiT.")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--train", default="XL/1,64;B/1,256", help="';'-separated preset,batch")
-    p.add_argument("--cfg_forward", default="XL/1,128", help="preset,batch (forward at 2x batch)")
+    p.add_argument(
+        "--cfg_forward",
+        default="XL/1,128",
+        help="';'-separated preset,batch (the CFG forward at 2x batch, the sampler's step)",
+    )
     p.add_argument("--out", default="bench_reference.json")
     args = p.parse_args()
     ref = pathlib.Path(args.ref_dir).resolve()
@@ -169,13 +173,15 @@ def main():
         r.update(case=f"reference_train_{preset}", batch=int(b), img_per_s=int(b) / r["median_s"])
         print(f"  {r['case']} b{b}: {r['median_s'] * 1e3:.1f} ms, {r['img_per_s']:.1f} img/s")
         results.append(r)
-    if args.cfg_forward:
-        preset, b = args.cfg_forward.split(",")
+    for spec in filter(None, args.cfg_forward.split(";")):
+        preset, b = spec.split(",")
         r = bench_cfg_forward(torch, LightningDiT_models, preset, int(b), args.iters)
+        torch.cuda.empty_cache()
         r.update(
             case=f"reference_cfg_forward_{preset}",
             batch=int(b),
             img_per_s_at_250_steps=int(b) / (250 * r["median_s"]),
+            hours_to_50k_at_250_steps=50000 / int(b) * 250 * r["median_s"] / 3600,
         )
         print(
             f"  {r['case']} 2x{b}: {r['median_s'] * 1e3:.1f} ms per step "
