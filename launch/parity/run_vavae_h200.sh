@@ -70,7 +70,11 @@ fi
 DEADLINE=$((T0 + BUDGET_S))
 SHARED="--batches=$DATA/batches.json --cache=$W/cache --teacher=$W/teacher --teacher_resolution=$TEACHER_RES --disc_start=$DISC_START --deadline=$DEADLINE"
 REFRUN="python3 $P/vavae_reference.py --ref_dir=$REF --model=$MODEL --vgg=$W/vgg16_random.pth --lpips_heads=$W/lpips_heads_random.pth --threads=2 $SHARED"
-OURS="env XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 python3 $P/vavae_ours.py train --preset=$MODEL --teacher_preset=$TEACHER --init=$W/init --lpips=$W/lpips.npz --wait_for=$W/converted,$W/f64_done $SHARED"
+# Memory caps (no preallocation; the fraction bounds what XLA may take): float32 runs 0.3 of the
+# 140 GB, the bf16 one 0.2; the two free references take ~33 GB each (run 2: 108 GB in all).
+OURS32="env XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.3"
+OURS16="env XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.2"
+OURS="python3 $P/vavae_ours.py train --preset=$MODEL --teacher_preset=$TEACHER --init=$W/init --lpips=$W/lpips.npz --wait_for=$W/converted,$W/f64_done $SHARED"
 FREE="--steps=$FREE_STEPS --eval_steps=$EVAL_STEPS --recon_dir=$W/recon"
 declare -A PIDS=()
 start() { # name, command words...
@@ -85,13 +89,13 @@ rm -f "$W/f64_done"
 has f64 || touch "$W/f64_done"
 # shellcheck disable=SC2086 # the command strings split into words on purpose
 {
-  has exact && start ours_exact $OURS --phase=exact --steps="$EXACT_STEPS" --out="$W/ours_exact.jsonl"
+  has exact && start ours_exact $OURS32 $OURS --phase=exact --steps="$EXACT_STEPS" --out="$W/ours_exact.jsonl"
   if has free && [ "$RESUME" != 1 ]; then
-    start ours_free $OURS --phase=free $FREE --tag=ours_free --out="$W/ours_free.jsonl" \
+    start ours_free $OURS16 $OURS --phase=free $FREE --tag=ours_free --out="$W/ours_free.jsonl" \
       --export_final="$W/tokenizer"
   fi
   if has free32 && [ "$RESUME" != 1 ]; then
-    start ours_free32 $OURS --phase=free --dtype=float32 $FREE --tag=ours_free32 \
+    start ours_free32 $OURS32 $OURS --phase=free --dtype=float32 $FREE --tag=ours_free32 \
       --out="$W/ours_free32.jsonl"
   fi
 
