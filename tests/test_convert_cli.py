@@ -25,6 +25,9 @@ from vavae_jax.model import PRESETS
 from vavae_jax.runtime.torch_names import ConversionError, flat_params
 
 torch = pytest.importorskip("torch")  # conversion needs the optional torch extra
+# One xdist worker runs the module: the official checkpoint and export fixtures are module-scoped
+# (16 s to build on 2 cores) and would otherwise be built on each worker.
+pytestmark = pytest.mark.xdist_group("convert_cli")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEACHER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56)
@@ -173,6 +176,15 @@ def test_convert_cli_roundtrip_autoencoder(official, export_dir):
     assert meta["teacher_dim"] == TEACHER["hidden_size"]
     assert meta["discriminator_config"]["ndf"] == 8
     assert meta["discriminator_config"]["n_layers"] == 2
+    # Some groups only: the same autoencoder; the teacher, PatchGAN and LPIPS are not read.
+    part = checkpoints.load_export(export_dir, groups=("autoencoder", "logvar"))
+    assert part["teacher"] is None and part["discriminator"] is None and part["lpips"] is None
+    assert part["linear_proj"] is None and float(part["logvar"]) == pytest.approx(0.37)
+    got, want = flat_params(part["autoencoder"]), flat_params(loaded["autoencoder"])
+    for k in want:
+        np.testing.assert_array_equal(got[k].get_value(), want[k].get_value(), k)
+    with pytest.raises(ValueError, match="unknown groups"):
+        checkpoints.load_export(export_dir, groups=("vae",))
 
 
 @pytest.mark.slow

@@ -14,7 +14,12 @@ torch = pytest.importorskip("torch")
 lpips_pkg = pytest.importorskip("lpips")  # the reference implementation, installed by `.[test]`
 
 # lpips 0.1.4 builds its trunk with torchvision's deprecated `pretrained=` argument.
-pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated since 0.13:UserWarning")
+# One xdist worker runs the module: its fixtures (the lpips package's model, the jitted JAX side)
+# are module-scoped and would otherwise be built once on each worker (14 s each on 2 cores).
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*deprecated since 0.13:UserWarning"),
+    pytest.mark.xdist_group("lpips"),
+]
 
 
 @pytest.fixture(scope="module")

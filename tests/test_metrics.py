@@ -158,6 +158,7 @@ def test_load_inception_errors(tmp_path):
         metrics.load_inception(tmp_path / "w.bin")
 
 
+@pytest.mark.slow  # end to end (both archives through both Inceptions); fast tests check parity
 def test_compute_fid_from_npz_end_to_end(fid_nets, tmp_path, monkeypatch):
     rng = np.random.default_rng(2)
     samples = rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)

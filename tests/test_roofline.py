@@ -234,6 +234,7 @@ def test_op_census_counts_products_and_the_least_traffic_around_them():
     assert dots.ops[0].flops == 2.0 * 6 * 9 * 7
 
 
+@pytest.mark.slow  # a subprocess tracing the whole VA-VAE step
 def test_vavae_step_census_and_dry_run(tmp_path):
     """The real VA-VAE step's census (the small config): every network's products are there
     (teacher matrices, autoencoder / LPIPS / PatchGAN convolutions, forward and backward), and

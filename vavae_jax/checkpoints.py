@@ -244,13 +244,20 @@ def _fill(module: nnx.Module, flat: Mapping[str, Any], what: str, variable_type=
     return module
 
 
-def load_export(out_dir: str | pathlib.Path, *, dtype: str | None = None) -> dict[str, Any]:
-    """Reads a directory written by `convert_official`.
+EXPORT_GROUPS = ("autoencoder", "linear_proj", "logvar", "discriminator", "teacher", "lpips")
+
+
+def load_export(
+    out_dir: str | pathlib.Path, *, dtype: str | None = None, groups=EXPORT_GROUPS
+) -> dict[str, Any]:
+    """Reads a directory written by `convert_official` / `save_export`.
 
     Returns {"config": AutoencoderConfig, "autoencoder": AutoencoderKL, "linear_proj": kernel
     [1, 1, embed_dim, T] or None, "logvar": scalar or None, "discriminator": NLayerDiscriminator
     or None, "teacher": Dinov2Model or None, "lpips": LPIPS or None, "meta": the json}.
-    `dtype` overrides the compute dtype of the autoencoder (parameters stay float32).
+    `dtype` overrides the compute dtype of the autoencoder (parameters stay float32). `groups`
+    (a subset of EXPORT_GROUPS) restores only those, the others come back None: the DINOv2-L
+    teacher an export may hold is 1.2 GB that a tokenizer or an init_from never reads.
     """
     import orbax.checkpoint as ocp
 
@@ -259,6 +266,8 @@ def load_export(out_dir: str | pathlib.Path, *, dtype: str | None = None) -> dic
     from vavae_jax import lpips as lpips_lib
     from vavae_jax.runtime.checkpoint import on_local_device
 
+    if unknown := set(groups) - set(EXPORT_GROUPS):
+        raise ValueError(f"load_export: unknown groups {sorted(unknown)}; known: {EXPORT_GROUPS}")
     out_dir = pathlib.Path(out_dir).resolve()
     meta = read_export_meta(out_dir)
     cfg = autoencoder_config(meta["autoencoder_config"], dtype=dtype)
@@ -292,11 +301,32 @@ def load_export(out_dir: str | pathlib.Path, *, dtype: str | None = None) -> dic
                 for k, v in flat_params(teacher, nnx.Param).items()
             }
         )
+    every = set(target)  # the groups the file holds
+    target = {k: v for k, v in target.items() if k in groups}
     # On this process's device: exports hold numpy arrays (no saved sharding), but an export
     # written from device arrays names their platform, and would not restore on another.
-    restored = ocp.StandardCheckpointer().restore(out_dir / STATE_DIR, on_local_device(target))
+    target = on_local_device(target)
+    if set(target) == every:
+        restored = ocp.StandardCheckpointer().restore(out_dir / STATE_DIR, target)
+    else:  # the groups asked for; the others are not read
+        restored = ocp.PyTreeCheckpointer().restore(
+            out_dir / STATE_DIR,
+            args=ocp.args.PyTreeRestore(
+                item=target,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True,
+            ),
+        )
+    if "teacher" not in groups:
+        teacher = None
+    if "discriminator" not in groups:
+        disc = None
     result: dict[str, Any] = {"config": cfg, "meta": meta}
-    result["autoencoder"] = _fill(ae, _flatten(restored["autoencoder"]), "autoencoder", nnx.Param)
+    result["autoencoder"] = (
+        _fill(ae, _flatten(restored["autoencoder"]), "autoencoder", nnx.Param)
+        if "autoencoder" in restored
+        else None
+    )
     result["linear_proj"] = (
         jnp.asarray(restored["linear_proj"]["kernel"]) if "linear_proj" in restored else None
     )
@@ -310,7 +340,9 @@ def load_export(out_dir: str | pathlib.Path, *, dtype: str | None = None) -> dic
         else _fill(teacher, _flatten(restored["teacher"]), "teacher", nnx.Param)
     )
     result["lpips"] = (
-        lpips_lib.load_lpips_converted(out_dir / meta["lpips"]) if meta["lpips"] else None
+        lpips_lib.load_lpips_converted(out_dir / meta["lpips"])
+        if meta["lpips"] and "lpips" in groups
+        else None
     )
     return result
 
@@ -532,7 +564,11 @@ def load_into_generator(gen: nnx.Module, path: str | pathlib.Path, ae_cfg: Autoe
                 f"init_from={path}: the {what}'s autoencoder differs from the configured one; "
                 f"({what}, config): {diff}. Set --config.model.* to match, or use another {what}"
             )
-    if not run:
+    if path.is_dir() and not run:  # an export: the generator's groups only (not its teacher)
+        groups = load_export(
+            path, dtype=ae_cfg.dtype, groups=("autoencoder", "linear_proj", "logvar")
+        )
+    elif not run:
         _, groups = load_autoencoder(path, ae_cfg)
     src = flat_params(groups["autoencoder"], nnx.Param)
     dst = flat_params(gen.autoencoder, nnx.Param)
@@ -628,7 +664,7 @@ def load_into_discriminator(
     if path.is_dir() and is_run_folder(path):
         src = _run_discriminator(path, disc)
     elif path.is_dir():
-        src = load_export(path)["discriminator"]
+        src = load_export(path, groups=("discriminator",))["discriminator"]
     else:
         _, groups = convert.load_official(path, ae_cfg, skip=("lpips", "teacher"))
         src = groups["discriminator"]
