@@ -18,16 +18,23 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 # One compilation cache for the whole test run, shared by the xdist workers and by the CLIs the
 # tests start as subprocesses (they inherit the environment): the trainer tests compile the same
-# steps several times (uninterrupted, killed, resumed runs; one mesh after another).
+# steps several times (uninterrupted, killed, resumed runs; one mesh after another). Every
+# program is cached, however quick its compile: each process (two workers, dozens of CLIs)
+# otherwise compiles the same small eager-mode programs again (random init of every weight
+# shape, data preprocessing), 0.1-0.3 s each on 2 cores (the README chain of tests/test_e2e.py:
+# 237 -> 188 s). No size limit: a limit turns on LRU eviction, which holds one file lock over
+# every read and write and lists and stats the whole folder on each write (quadratic in the
+# thousands of entries: the workers then queued on the lock). Without it, a write is a plain
+# file write; a process that reads an entry while another writes it fails to decompress it,
+# warns and compiles (jax._src.compiler._cache_read), with the same result.
 _RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
 _CACHE = os.path.join(tempfile.gettempdir(), f"vavae_jax_tests_{_RUN}", "jax_cache")
 os.makedirs(_CACHE, exist_ok=True)
 for _key, _value in (
     ("jax_compilation_cache_dir", _CACHE),
-    ("jax_persistent_cache_min_compile_time_secs", 0.5),
+    ("jax_persistent_cache_min_compile_time_secs", 0),
     ("jax_persistent_cache_min_entry_size_bytes", 0),
-    # A size limit turns on the cache's file lock: processes write and read it concurrently.
-    ("jax_compilation_cache_max_size", 8 << 30),
+    ("jax_compilation_cache_max_size", -1),
 ):
     jax.config.update(_key, _value)
     os.environ[_key.upper()] = str(_value)

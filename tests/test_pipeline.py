@@ -18,7 +18,7 @@ from vavae_jax import data as image_data
 from vavae_jax import model as vae_model
 from vavae_jax.data import DataCountError
 
-from .conftest import ROOT
+from .conftest import FAST_COMPILE_FLAGS, ROOT
 
 
 def _config(sample_images_dir, *, max_records=20, worker_count=0, resolution=16):
@@ -210,7 +210,7 @@ def test_extract_latents_cli_default_workers(sample_images_dir, tmp_path):
         ],
         capture_output=True,
         text=True,
-        env={**os.environ, "XLA_FLAGS": ""},
+        env={**os.environ, "XLA_FLAGS": FAST_COMPILE_FLAGS},  # one device, not conftest's 8
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,6 +1,7 @@
 """The VA-VAE training job: the step against the library, resume, overfitting, bad inputs."""
 
 import dataclasses
+import functools
 import pathlib
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from vavae_jax import discriminator as disc_lib
 from vavae_jax import foundation, losses, train
 from vavae_jax import lpips as lpips_lib
 from vavae_jax.model import AutoencoderConfig
+from vavae_jax.runtime import sharding
 from vavae_jax.train_step import StepConfig, frozen_state, make_train_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -67,14 +69,18 @@ def _params(result):
 @pytest.mark.slow
 @VAVAE_TRAINER_GROUP
 def test_kill_and_resume_equals_uninterrupted(sample_images_dir, tmp_path):
-    cfg = tiny_config(sample_images_dir)
+    # Two steps (tiny_config: step 0 updates the discriminator only, step 1 the generator with
+    # the adaptive GAN weight too), checkpoints every 2: the kill after step 1 falls between
+    # checkpoints and the resumed run takes the other branch of the step.
+    cfg = tiny_config(sample_images_dir, total_steps=2)
+    assert cfg.checkpoint_every_steps == 2
     full = train.run(cfg, str(tmp_path / "full"))
     # "Killed" after 1 step (SIGTERM path: checkpoint at step 1), then resumed by the same call.
     part = train.run(cfg, str(tmp_path / "resumed"), stop_after_steps=1)
     assert part["step"] == 1
     assert (tmp_path / "resumed" / "checkpoints" / "1").is_dir()
     resumed = train.run(cfg, str(tmp_path / "resumed"))
-    assert resumed["step"] == full["step"] == 4
+    assert resumed["step"] == full["step"] == 2
     a, b = _params(full), _params(resumed)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
@@ -93,6 +99,8 @@ def test_kill_and_resume_equals_uninterrupted(sample_images_dir, tmp_path):
 # The step against the library's own pure functions, computed the naive way.
 # ---------------------------------------------------------------------------------------------
 def _tiny_models(use_vf=True):
+    """The networks are never mutated (the step and `_naive` work on split states): the
+    discriminator, LPIPS and the teacher are built once for both parametrisations."""
     ae_cfg = AutoencoderConfig(
         ch=32,
         ch_mult=(1, 2),
@@ -102,16 +110,26 @@ def _tiny_models(use_vf=True):
         embed_dim=4,
         resolution=16,
     )
+    gen = train.Generator(ae_cfg, 32 if use_vf else None, 0.0, rngs=nnx.Rngs(1))
+    return (gen, *_shared_models())
+
+
+@functools.cache
+def _shared_models():
+    """Built as one compiled program each (sharding.jit_init): eager init dispatches one small
+    program per weight shape (seconds for LPIPS's VGG16)."""
     tcfg = foundation.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
     teacher = foundation.DinoV2Teacher(
-        foundation.Dinov2Model(tcfg, rngs=nnx.Rngs(3)), resolution=8 * 14
+        sharding.jit_init(lambda: foundation.Dinov2Model(tcfg, rngs=nnx.Rngs(3))),
+        resolution=8 * 14,
     )
-    gen = train.Generator(ae_cfg, 32 if use_vf else None, 0.0, rngs=nnx.Rngs(1))
-    disc = disc_lib.NLayerDiscriminator(
-        disc_lib.DiscriminatorConfig(input_nc=3, ndf=8, n_layers=2), rngs=nnx.Rngs(2)
+    disc = sharding.jit_init(
+        lambda: disc_lib.NLayerDiscriminator(
+            disc_lib.DiscriminatorConfig(input_nc=3, ndf=8, n_layers=2), rngs=nnx.Rngs(2)
+        )
     )
-    lp = lpips_lib.LPIPS("float32", rngs=nnx.Rngs(4))
-    return gen, disc, lp, teacher
+    lp = sharding.jit_init(lambda: lpips_lib.LPIPS("float32", rngs=nnx.Rngs(4)))
+    return disc, lp, teacher
 
 
 def _naive(gen, disc, lp, teacher, x, rng, it, cfg: losses.LossConfig, use_vf):
@@ -225,9 +243,14 @@ def test_step_equals_library_functions(stage_step, use_vf):
     it = jnp.int32(stage_step)
     new_state, metrics = jax.jit(step)(state, frozen, {"image": x}, rng, loss_cfg.as_arrays(), it)
 
-    terms, grads = jax.jit(
-        lambda x, rng, it, cfg: _naive(gen, disc, lp, teacher, x, rng, it, cfg, use_vf)
-    )(x, rng, it, loss_cfg.as_arrays())
+    # The networks' weights go in as arguments: closed over, they would be constants of the
+    # program, which XLA folds through the networks (20 s of compile instead of 12 on 2 cores).
+    graphdef, weights = nnx.split((gen, disc, lp, teacher))
+
+    def naive(weights, x, rng, it, cfg):
+        return _naive(*nnx.merge(graphdef, weights), x, rng, it, cfg, use_vf)
+
+    terms, grads = jax.jit(naive)(weights, x, rng, it, loss_cfg.as_arrays())
     for k in ("total_loss", "nll_loss", "kl_loss", "g_loss", "d_weight", "disc_factor"):
         np.testing.assert_allclose(metrics[f"train/{k}"], terms[k], rtol=2e-5, err_msg=k)
     if use_vf:
@@ -335,12 +358,26 @@ def test_bad_inputs_raise_clear_errors(sample_images_dir, tmp_path):
 
 @pytest.mark.slow
 @VAVAE_TRAINER_GROUP
-def test_nan_stops_with_last_good_checkpoint(sample_images_dir, tmp_path):
+def test_nan_stops_with_last_good_checkpoint(sample_images_dir, tmp_path, monkeypatch):
     cfg = tiny_config(sample_images_dir, checkpoint_every_steps=1, total_steps=6)
     cfg.mesh.update(dict(data=1, fsdp=1, num_devices=1))
     cfg.sharding = "dp"
-    # Adam moves every weight by ~lr: step 1 is finite (and saved), step 2's activations overflow.
-    cfg.optim.lr = 1e10
+    # Step 1 is finite (and saved); step 2's batch holds a NaN pixel, so its loss and then every
+    # weight are NaN. (Diverging through the optimizer instead, e.g. lr 1e10, would change the
+    # compiled step: the learning rate is a constant of the program. This way the step is the one
+    # test_overfits_sixteen_images compiles on this mesh, read from the compilation cache.)
+    make_global_batch = train.data_lib.make_global_batch
+    calls = []
+
+    def poisoned(local, mesh):
+        calls.append(mesh)
+        if len(calls) == 2:
+            image = np.array(local["image"], np.float32)
+            image[0, 0, 0, 0] = np.nan
+            local = {"image": image}
+        return make_global_batch(local, mesh)
+
+    monkeypatch.setattr(train.data_lib, "make_global_batch", poisoned)
     with pytest.raises(train.TrainingDivergedError) as e:
         train.run(cfg, str(tmp_path / "nan"))
     msg = str(e.value)
