@@ -305,17 +305,11 @@ def load_export(
     target = {k: v for k, v in target.items() if k in groups}
     # On this process's device: exports hold numpy arrays (no saved sharding), but an export
     # written from device arrays names their platform, and would not restore on another.
-    target = on_local_device(target)
     if set(target) == every:
-        restored = ocp.StandardCheckpointer().restore(out_dir / STATE_DIR, target)
+        restored = ocp.StandardCheckpointer().restore(out_dir / STATE_DIR, on_local_device(target))
     else:  # the groups asked for; the others are not read
         restored = ocp.PyTreeCheckpointer().restore(
-            out_dir / STATE_DIR,
-            args=ocp.args.PyTreeRestore(
-                item=target,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                partial_restore=True,
-            ),
+            out_dir / STATE_DIR, args=_partial_restore_args(target)
         )
     if "teacher" not in groups:
         teacher = None
@@ -376,25 +370,27 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Trainer run folders (launch/train.py --config=configs/vavae_f16d32.py)
 # ---------------------------------------------------------------------------------------------
-def _restore_part(ckpt, step: int, target) -> Any:
-    """The groups of `target` (shapes) from the `state` item of a run's checkpoint `step`, on this
-    process's device; the rest of the state is not read."""
+def _partial_restore_args(target):
+    """Orbax arguments that restore the groups of `target` (shapes) on this process's device and
+    read nothing else of the checkpoint."""
     import orbax.checkpoint as ocp
 
     from vavae_jax.runtime.checkpoint import on_local_device
 
     target = on_local_device(target)
-    restored = ckpt.manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                item=target,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                partial_restore=True,
-            )
-        ),
+    return ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True,
     )
-    return restored["state"]
+
+
+def _restore_part(ckpt, step: int, target) -> Any:
+    """The groups of `target` (shapes) from the `state` item of a run's checkpoint `step`."""
+    import orbax.checkpoint as ocp
+
+    args = ocp.args.Composite(state=_partial_restore_args(target))
+    return ckpt.manager.restore(step, args=args)["state"]
 
 
 def is_run_folder(path: str | pathlib.Path) -> bool:

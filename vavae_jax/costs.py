@@ -25,7 +25,6 @@ tensor is counted once however often it is used, at the size of its first use.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
 import math
@@ -218,23 +217,15 @@ def vavae_train_census(config, batch: int, dtype: str | None = None) -> dict[str
     mesh = sharding.mesh_from_config(config.mesh)
     cdt = train.compute_dtype(config, mesh.devices.flat[0].platform)
     ts = train.build_step(config, mesh, *train.abstract_frozen(config, cdt))
-    stage = train.make_schedule(config, 1)[0]
-    loss, _ = jax.eval_shape(lambda: train.step_inputs(stage, 0))
-    stage_step = jax.ShapeDtypeStruct((), np.int32)
-    frozen, batch_arg, rng, _, _ = ts.abstract_inputs
-
-    def step(state, frozen, batch_arg, rng, loss, stage_step):
-        return ts.fn(state, frozen, batch_arg, rng, loss, stage_step)
-
-    census = op_census(step, ts.abstract_state, frozen, batch_arg, rng, loss, stage_step)
+    census = op_census(ts.fn, ts.abstract_state, *ts.abstract_inputs)
     params = {
         group: int(sum(math.prod(x.shape) for x in jax.tree.leaves(ts.abstract_state[group])))
         for group in ("gen", "disc")
     }
-    traffic = collections.OrderedDict(
+    traffic = dict(
         product_outputs_read=census.product_reads,
         computed_operands_written=census.operand_writes,
         adam_generator=adam_state_bytes(params["gen"]),
         adam_discriminator=adam_state_bytes(params["disc"]),
     )
-    return {"census": census, "traffic": dict(traffic), "params": params}
+    return {"census": census, "traffic": traffic, "params": params}
