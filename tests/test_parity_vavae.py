@@ -146,3 +146,22 @@ def test_our_side_reads_the_batch_list_loads_the_init_and_writes_the_log(tmp_pat
     verdict = _run("vavae_compare.py", "exact", f"--ours={log}", f"--ref={log}")
     assert verdict["ours_vs_ref"]["first_departure"] is None
     assert verdict["ours_vs_ref"]["within_tol"]
+
+    # The free comparison: several runs of ours by tag, evaluations of two sessions merged (the
+    # earlier one's tags prefixed), a run that departs in one term found outside the band.
+    shifted = w / "shifted.jsonl"
+    half_kl = [json.dumps({**r, "kl_loss": 0.5 * r["kl_loss"]}) for r in rows]
+    shifted.write_text("\n".join([json.dumps(lines[0]), *half_kl]) + "\n")
+    evals = {"now": {"ours_a": 15.0, "ref_a": 14.0, "ref_b": 16.0}, "before": {"ours_a": 20.0}}
+    for name, psnr in evals.items():
+        results = {f"{tag}_step00002": {"psnr": v} for tag, v in psnr.items()}
+        (w / f"eval_{name}.json").write_text(json.dumps({"results": results}))
+    free = _run("vavae_compare.py", "free", "--ours", f"ours_a={log}", f"before/ours_a={shifted}",
+                "--refs", f"ref_a={log}", f"ref_b={log}", "--eval", f"{w}/eval_now.json",
+                f"before:{w}/eval_before.json", "--smooth=1", "--at=2")  # fmt: skip
+    same, half = free["ours"]["ours_a"], free["ours"]["before/ours_a"]
+    assert all(v["inside"] for v in same["curves"]["3"].values())
+    assert (
+        not half["curves"]["3"]["kl_loss"]["inside"] and half["curves"]["3"]["rec_loss"]["inside"]
+    )
+    assert same["metrics"]["2"]["psnr"]["inside"] and not half["metrics"]["2"]["psnr"]["inside"]

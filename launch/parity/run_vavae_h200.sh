@@ -32,6 +32,12 @@
 # references from there (ours, done in the first command, are not run again) and the comparison
 # then covers the whole run.
 # ours_free writes its final weights to $W/tokenizer (an export folder: the DiT run's TOKENIZER).
+# OURS_NOISE_SEEDS (default 0) runs ours in the free phase once per noise seed (posterior noise
+# and LPIPS dropout; seed 0 is ours_free, seed s ours_free_n$s): our own spread, beside the
+# references'. REF_RUNS=0 skips the free references and compares with the logs of an earlier
+# session instead: REF_LOGS=<folder with ref_free_s0.jsonl, ref_free_s1.jsonl and eval.json>, e.g.
+#   PHASES=free OURS_NOISE_SEEDS=0,1,2 REF_RUNS=0 REF_LOGS=docs/parity/2026-12-04_h200_vavae_run3 \
+#     BUDGET_S=480 W=runs/vavae_parity bash launch/parity/run_vavae_h200.sh
 # Work files go under $W, the results (6 small files) under $OUT.
 set -uo pipefail
 T0=$(date +%s)
@@ -47,6 +53,14 @@ EVAL_STEPS=${EVAL_STEPS:-0,250,500,1000}
 BUDGET_S=${BUDGET_S:-440} # stepping ends then; evaluation and comparison take ~70 s more
 PHASES=${PHASES:-exact,f64,free}
 RESUME=${RESUME:-0}
+OURS_NOISE_SEEDS=${OURS_NOISE_SEEDS:-0}
+REF_RUNS=${REF_RUNS:-1}
+REF_LOGS=${REF_LOGS:-}
+if [ "$REF_RUNS" = 0 ] && [[ ",$PHASES," == *",free,"* ]]; then
+  for f in ref_free_s0.jsonl ref_free_s1.jsonl eval.json; do
+    [ -f "$REF_LOGS/$f" ] || { echo "REF_RUNS=0 needs REF_LOGS=<folder with $f> (got '$REF_LOGS')" >&2; exit 2; }
+  done
+fi
 # The shapes (a CPU smoke run of this script: SIZE=32 MODEL=tiny TEACHER=dinov2-tiny TEACHER_RES=112)
 SIZE=${SIZE:-256}
 MODEL=${MODEL:-f16d32}
@@ -91,8 +105,15 @@ has f64 || touch "$W/f64_done"
 {
   has exact && start ours_exact $OURS32 $OURS --phase=exact --steps="$EXACT_STEPS" --out="$W/ours_exact.jsonl"
   if has free && [ "$RESUME" != 1 ]; then
-    start ours_free $OURS16 $OURS --phase=free $FREE --tag=ours_free --out="$W/ours_free.jsonl" \
-      --export_final="$W/tokenizer"
+    for n in ${OURS_NOISE_SEEDS//,/ }; do
+      if [ "$n" = 0 ]; then
+        start ours_free $OURS16 $OURS --phase=free $FREE --tag=ours_free --out="$W/ours_free.jsonl" \
+          --export_final="$W/tokenizer"
+      else
+        start ours_free_n$n $OURS16 $OURS --phase=free --noise_seed="$n" $FREE --tag=ours_free_n$n \
+          --out="$W/ours_free_n$n.jsonl"
+      fi
+    done
   fi
   if has free32 && [ "$RESUME" != 1 ]; then
     start ours_free32 $OURS32 $OURS --phase=free --dtype=float32 $FREE --tag=ours_free32 \
@@ -129,7 +150,7 @@ has f64 || touch "$W/f64_done"
     unset "PIDS[ref_f64]"
     touch "$W/f64_done"
   fi
-  if has free; then
+  if has free && [ "$REF_RUNS" != 0 ]; then
     for s in 0 1; do
       run=ref_free_s$s
       from="--init=$W/init.pt" # seed 1: its own init (the spread of two seeds includes the init)
@@ -159,10 +180,17 @@ if has exact || has f64; then
     2>"$W/logs/compare_exact.log" || tail -20 "$W/logs/compare_exact.log"
 fi
 if has free; then
-  f32=""
-  [ -f "$W/ours_free32.jsonl" ] && f32="--ours_f32=$W/ours_free32.jsonl"
-  python3 $P/vavae_compare.py free --ours="$W/ours_free.jsonl" $f32 \
-    --refs "$W/ref_free_s0.jsonl" "$W/ref_free_s1.jsonl" --eval="$W/eval.json" \
+  ours=()
+  for f in "$W"/ours_free.jsonl "$W"/ours_free32.jsonl "$W"/ours_free_n*.jsonl; do
+    [ -f "$f" ] && ours+=("$f")
+  done
+  refs=("$W/ref_free_s0.jsonl" "$W/ref_free_s1.jsonl")
+  evals=("$W/eval.json")
+  if [ "$REF_RUNS" = 0 ]; then # the earlier session's references, their tags prefixed "prior/"
+    refs=("prior/ref_free_s0=$REF_LOGS/ref_free_s0.jsonl" "prior/ref_free_s1=$REF_LOGS/ref_free_s1.jsonl")
+    evals=("prior:$REF_LOGS/eval.json" "$W/eval.json")
+  fi
+  python3 $P/vavae_compare.py free --ours "${ours[@]}" --refs "${refs[@]}" --eval "${evals[@]}" \
     --recon_dir="$W/recon" --cache="$W/cache" --json="$OUT/vavae_free.json" \
     --plot="$OUT/vavae_free.png" --grid="$OUT/vavae_recon.png" \
     2>"$W/logs/compare_free.log" || tail -20 "$W/logs/compare_free.log"

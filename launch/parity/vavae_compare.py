@@ -2,8 +2,8 @@
 
   python3 launch/parity/vavae_compare.py exact --ours=W/ours_exact.jsonl --ref=W/ref_exact.jsonl \\
       [--ref64=W/ref_exact_f64.jsonl] --window=50 --json=W/exact.json --plot=W/vavae_exact.png
-  python3 launch/parity/vavae_compare.py free --ours=W/ours_free.jsonl \\
-      --refs W/ref_free_s0.jsonl W/ref_free_s1.jsonl --eval=W/eval.json --recon_dir=W/recon \\
+  python3 launch/parity/vavae_compare.py free --ours W/ours_free.jsonl [W/ours_free32.jsonl ...] \\
+      --refs W/ref_free_s0.jsonl W/ref_free_s1.jsonl --eval W/eval.json --recon_dir=W/recon \\
       --json=W/free.json --plot=W/vavae_free.png --grid=W/vavae_recon.png
 
 exact: per step and term the relative difference |a - b| / max(|a|, |b|, 1e-6) of ours to the
@@ -12,7 +12,9 @@ difference of each term over the first `--window` steps and whether all stay wit
 `--ref64` (the reference in float64) the same for ours and for the float32 reference against
 it: how far float32 round-off alone moves a correct implementation.
 free: the smoothed curves of every run overlaid, the metrics of `vavae_ours.py eval` at each
-saved step, and whether ours lies within the two reference seeds' range (the spread) there.
+saved step, and whether each of our runs (bf16, float32, other noise seeds: `--ours`, each
+`[TAG=]LOG`) lies within the reference seeds' range (the spread) there. Runs of two device
+sessions compare through tags: `--ours run2/ours_free=<run 2's log> --eval run2:<run 2's eval>`.
 """
 
 from __future__ import annotations
@@ -84,13 +86,25 @@ def cmd_exact(args) -> dict:
     return out
 
 
-def _eval_table(path) -> dict:
-    """{run tag: {step: {metric: value}}} from `vavae_ours.py eval`'s json."""
+def _tagged(spec: str) -> tuple[str, str]:
+    """Splits "TAG=LOG" into (TAG, LOG); a bare LOG is tagged with its file name's stem."""
+    tag, sep, path = spec.partition("=")
+    return (tag, path) if sep else (pathlib.Path(spec).stem, spec)
+
+
+def _eval_table(specs: list[str]) -> dict:
+    """{run tag: {step: {metric: value}}} from `vavae_ours.py eval`'s json files, merged (a
+    later file's entries win). "PREFIX:PATH" prefixes that file's tags with "PREFIX/", so that
+    runs of two device sessions that share a tag (e.g. ours_free) can be told apart."""
     table: dict = {}
-    for name, values in json.loads(pathlib.Path(path).read_text())["results"].items():
-        m = re.fullmatch(r"(.+)_step(\d+)", name)
-        if m:
-            table.setdefault(m.group(1), {})[int(m.group(2))] = values
+    for spec in specs:
+        prefix, sep, path = spec.partition(":") if ":" in spec else ("", "", spec)
+        results = json.loads(pathlib.Path(path).read_text())["results"]
+        for name, values in results.items():
+            m = re.fullmatch(r"(.+)_step(\d+)", name)
+            if m:
+                tag = f"{prefix}/{m.group(1)}" if sep else m.group(1)
+                table.setdefault(tag, {})[int(m.group(2))] = values
     return table
 
 
@@ -103,35 +117,38 @@ def _within(ours: float, refs: list[float], rtol: float = 1e-4) -> dict:
 
 
 def cmd_free(args) -> dict:
-    meta, ours = common.read_log(args.ours)
-    logs = {p: common.read_log(p)[1] for p in args.refs}
-    failed = [p for p, log in logs.items() if not len(log["step"])]  # named, not compared
-    refs = [log for p, log in logs.items() if p not in failed]
+    ours = {}  # tag: (label, log)
+    for spec in args.ours:
+        tag, path = _tagged(spec)
+        meta, log = common.read_log(path)
+        if not len(log["step"]):
+            raise SystemExit(f"free: ours {tag} ({path}) logged no step")
+        ours[tag] = (f"{tag} ({meta.get('compute_dtype')})", log)
+    refs, failed = {}, []
+    for spec in args.refs:
+        tag, path = _tagged(spec)
+        log = common.read_log(path)[1]
+        if len(log["step"]):
+            refs[tag] = log
+        else:
+            failed.append(path)  # named, not compared
     if not refs:
         raise SystemExit(f"free: no reference run logged a step ({failed})")
-    labels = [
-        f"ours ({meta.get('compute_dtype')})",
-        *[f"reference seed {i}" for i in range(len(refs))],
-    ]
-    ours_runs = {"": (ours, args.ours_tag)}  # verdict suffix: (log, recon tag)
-    if args.ours_f32:  # ours in float32 too: which free-phase differences are bf16's
-        meta32, ours32 = common.read_log(args.ours_f32)
-        labels.insert(1, f"ours ({meta32.get('compute_dtype')})")
-        ours_runs["_float32"] = (ours32, args.ours_f32_tag)
-    runs = dict(zip(labels, [ours for ours, _ in ours_runs.values()] + refs))
-    out: dict = dict(window=args.smooth, failed_reference_runs=failed)
+    out: dict = dict(window=args.smooth, failed_reference_runs=failed, ours={})
     table = _eval_table(args.eval) if args.eval else None
-    for suffix, (log, tag) in ours_runs.items():
-        out["curves" + suffix] = _curves(log, refs, args)
+    for tag, (_, log) in ours.items():
+        out["ours"][tag] = dict(curves=_curves(log, list(refs.values()), args))
         if table is not None:
-            out["metrics" + suffix] = _metrics(table, tag, args.ref_tags)
+            out["ours"][tag]["metrics"] = _metrics(table, tag, list(refs))
     if table is not None:
         out["eval"] = table
     if args.plot:
+        runs = {label: log for label, log in ours.values()}
+        runs.update({f"{tag} (reference)": log for tag, log in refs.items()})
         title = f"VA-VAE free phase (moving average over {args.smooth} steps)"
         common.plot_curves(runs, FREE_KEYS, args.plot, window=args.smooth, title=title)
     if args.grid and args.recon_dir:
-        out["grid"] = recon_grid(args)
+        out["grid"] = recon_grid(args, [*ours, *refs])
     return out
 
 
@@ -158,12 +175,11 @@ def _metrics(table: dict, tag: str, ref_tags: list[str]) -> dict:
     return out
 
 
-def recon_grid(args) -> str:
+def recon_grid(args, tags: list[str]) -> str:
     """Val images, then each run's reconstructions at its last saved step (8 columns)."""
     rd = pathlib.Path(args.recon_dir)
     rows = [common.load_cache(args.cache, "val")[:8]] if args.cache else []
-    ours_f32 = [args.ours_f32_tag] if args.ours_f32 else []
-    for tag in [args.ours_tag, *ours_f32, *args.ref_tags]:
+    for tag in tags:
         files = sorted(rd.glob(f"{tag}_step*.npy"))
         if files:
             rec = np.load(files[-1], mmap_mode="r")[:8].astype(np.float32)
@@ -183,13 +199,16 @@ def main(argv=None) -> dict:
     q.add_argument("--json", default="")
     q.add_argument("--plot", default="")
     q = sub.add_parser("free")
-    q.add_argument("--ours", required=True)
-    q.add_argument("--refs", nargs="+", required=True)
-    q.add_argument("--eval", default="", help="vavae_ours.py eval's json")
-    q.add_argument("--ours_tag", default="ours_free")
-    q.add_argument("--ours_f32", default="", help="log of ours in float32 (optional)")
-    q.add_argument("--ours_f32_tag", default="ours_free32")
-    q.add_argument("--ref_tags", nargs="*", default=["ref_free_s0", "ref_free_s1"])
+    q.add_argument(
+        "--ours",
+        nargs="+",
+        required=True,
+        help="[TAG=]LOG ... (TAG: the run's eval and recon tag; default the log's file stem)",
+    )
+    q.add_argument("--refs", nargs="+", required=True, help="[TAG=]LOG ...")
+    q.add_argument(
+        "--eval", nargs="*", default=[], help="[PREFIX:]JSON ... of vavae_ours.py eval, merged"
+    )
     q.add_argument("--at", default="250,500,1000", help="steps of the curve comparison")
     q.add_argument("--smooth", type=int, default=50)
     q.add_argument("--recon_dir", default="")
@@ -214,14 +233,14 @@ def _short(out: dict) -> dict:
         if name.endswith(("_vs_ref", "_vs_ref64")):
             keep = ("steps_compared", "first_departure", "worst_in_window", "within_tol")
             short[name] = {k: table[k] for k in keep}
-    for suffix in ("", "_float32"):
-        for step, metrics in out.get("metrics" + suffix, {}).items():
-            short[f"metrics{suffix}@{step}"] = {m: (round(v["ours"], 4), round(v["ref_min"], 4),
-                                                    round(v["ref_max"], 4), v["inside"])
-                                                for m, v in metrics.items()}  # fmt: skip
-        for step, curves in out.get("curves" + suffix, {}).items():
+    for tag, run in out.get("ours", {}).items():
+        for step, metrics in run.get("metrics", {}).items():
+            short[f"{tag}: metrics@{step}"] = {m: (round(v["ours"], 4), round(v["ref_min"], 4),
+                                                   round(v["ref_max"], 4), v["inside"])
+                                               for m, v in metrics.items()}  # fmt: skip
+        for step, curves in run["curves"].items():
             inside = sorted(k for k, v in curves.items() if v["inside"])
-            short[f"curves{suffix}_inside@{step}"] = inside
+            short[f"{tag}: curves inside@{step}"] = inside
     return short
 
 
