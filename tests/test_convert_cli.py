@@ -208,18 +208,29 @@ def test_convert_cli_roundtrip_losses_and_teacher(official, export_dir):
     assert _rel(got_t, want_t) < 1e-4
 
 
-def test_init_from_official_and_export(official, export_dir):
+def test_init_from_official_and_export(official, export_dir, monkeypatch):
     from flax import nnx
 
+    from vavae_jax.discriminator import DiscriminatorConfig, NLayerDiscriminator
     from vavae_jax.train_step import Generator
 
     cfg = official["cfg"]
     ref = convert.from_torch_state_dict(official["ae_state"], cfg)
+    want_d = flat_params(checkpoints.load_export(export_dir)["discriminator"])
+    reads = []
+    load_torch_file = convert.load_torch_file
+    monkeypatch.setattr(convert, "load_torch_file", lambda p: reads.append(p) or load_torch_file(p))
     gen = Generator(cfg, TEACHER["hidden_size"], 0.0, rngs=nnx.Rngs(1))
     for source in (official["path"], export_dir):
-        zeros = jax.tree.map(jnp.zeros_like, nnx.state(gen, nnx.Param))
-        nnx.update(gen, zeros)  # so that each source has to set every weight
-        checkpoints.load_into_generator(gen, source, cfg)
+        # Zeros first, so that each source has to set every weight.
+        nnx.update(gen, jax.tree.map(jnp.zeros_like, nnx.state(gen, nnx.Param)))
+        disc = NLayerDiscriminator(DiscriminatorConfig(ndf=8, n_layers=2), rngs=nnx.Rngs(1))
+        nnx.update(disc, jax.tree.map(jnp.zeros_like, nnx.state(disc)))
+        reads.clear()
+        # The generator and the PatchGAN (weights and BatchNorm statistics), as the reference's
+        # init_from_ckpt loads them; an official .pt is read (and converted) once.
+        assert checkpoints.load_init_from(gen, disc, source, cfg)
+        assert len(reads) == (1 if source == official["path"] else 0), reads
         got = flat_params(gen.autoencoder, nnx.Param)
         want = flat_params(ref, nnx.Param)
         assert set(got) == set(want)
@@ -228,19 +239,19 @@ def test_init_from_official_and_export(official, export_dir):
         w = official["sd"]["linear_proj.weight"].numpy().transpose(2, 3, 1, 0)
         np.testing.assert_array_equal(np.asarray(gen.linear_proj.kernel.get_value()), w)
         assert float(gen.logvar.get_value()) == pytest.approx(0.37)
-    # The PatchGAN too (weights and BatchNorm statistics), as the reference's init_from_ckpt.
-    from vavae_jax.discriminator import DiscriminatorConfig, NLayerDiscriminator
-
-    want_d = flat_params(checkpoints.load_export(export_dir)["discriminator"])
-    for source in (official["path"], export_dir):
-        disc = NLayerDiscriminator(DiscriminatorConfig(ndf=8, n_layers=2), rngs=nnx.Rngs(1))
-        nnx.update(disc, jax.tree.map(jnp.zeros_like, nnx.state(disc)))
-        assert checkpoints.load_into_discriminator(disc, source, cfg)
         got_d = flat_params(disc)
         assert set(got_d) == set(want_d) and any("mean" in k for k in got_d)
         for k, v in want_d.items():
             assert np.any(np.asarray(v.get_value()) != 0), k  # not a trivial match
             np.testing.assert_array_equal(np.asarray(got_d[k].get_value()), v.get_value(), k)
+    # Each half alone, as the library offers it.
+    nnx.update(disc, jax.tree.map(jnp.zeros_like, nnx.state(disc)))
+    assert checkpoints.load_into_discriminator(disc, official["path"], cfg)
+    for k, v in want_d.items():
+        np.testing.assert_array_equal(np.asarray(flat_params(disc)[k].get_value()), v.get_value())
+    nnx.update(gen, jax.tree.map(jnp.zeros_like, nnx.state(gen, nnx.Param)))
+    checkpoints.load_into_generator(gen, export_dir, cfg)
+    assert float(gen.logvar.get_value()) == pytest.approx(0.37)
     wider = NLayerDiscriminator(DiscriminatorConfig(ndf=16, n_layers=2), rngs=nnx.Rngs(1))
     with pytest.raises(ValueError, match=r"PatchGAN \{'input_nc': 3, 'ndf': 8"):
         checkpoints.load_into_discriminator(wider, export_dir, cfg)

@@ -545,27 +545,67 @@ def load_into_generator(gen: nnx.Module, path: str | pathlib.Path, ae_cfg: Autoe
     `.pt`, our export folder or a VA-VAE trainer run folder (`--config.init_from=`). The
     autoencoder architecture must equal `ae_cfg` (a ValueError names the differing fields); a
     checkpoint without the VF projection or logvar leaves those at their initial values (logged),
-    never silently."""
+    never silently. `load_init_from` loads the PatchGAN as well, reading the source once."""
+    groups, _ = _read_init_source(path, ae_cfg, generator=True, disc=None)
+    _set_generator(gen, groups, path)
+
+
+def load_init_from(
+    gen: nnx.Module, disc: nnx.Module, path: str | pathlib.Path, ae_cfg: AutoencoderConfig
+) -> bool:
+    """Training's `init_from`: the generator as `load_into_generator` and the PatchGAN as
+    `load_into_discriminator` set them, from one reading of the source (an official `.pt` is
+    read and converted once). Returns whether the source held a PatchGAN."""
+    groups, src_disc = _read_init_source(path, ae_cfg, generator=True, disc=disc)
+    _set_generator(gen, groups, path)
+    return _set_discriminator(disc, src_disc, path)
+
+
+def _read_init_source(path, ae_cfg: AutoencoderConfig, *, generator: bool, disc):
+    """(generator groups or None, PatchGAN module or None) of an `init_from` source, read once:
+    the generator's groups when `generator`, the PatchGAN when `disc` (the trainer's, for its
+    structure) is given. The source's autoencoder must be `ae_cfg`'s architecture."""
     path = pathlib.Path(path)
     run = path.is_dir() and is_run_folder(path)
-    if path.is_dir():
-        if run:
+    groups = src_disc = None
+    if run:
+        if generator:
             groups = _read_run(path, dtype=ae_cfg.dtype, extras=True)
-            saved = groups["config"]
-        else:
+            _check_init_arch(path, "run", groups["config"], ae_cfg)
+        if disc is not None:
+            src_disc = _run_discriminator(path, disc)
+    elif path.is_dir():  # an export: the groups asked for only (not the teacher it may hold)
+        wanted = ("autoencoder", "linear_proj", "logvar") if generator else ()
+        if generator:
             saved = autoencoder_config(read_export_meta(path)["autoencoder_config"])
-        if diff := config_mismatch(saved, ae_cfg):
-            what = "run" if run else "export"
-            raise ValueError(
-                f"init_from={path}: the {what}'s autoencoder differs from the configured one; "
-                f"({what}, config): {diff}. Set --config.model.* to match, or use another {what}"
+            _check_init_arch(path, "export", saved, ae_cfg)
+        if disc is not None:
+            wanted += ("discriminator",)
+        loaded = load_export(path, dtype=ae_cfg.dtype, groups=wanted)
+        groups = loaded if generator else None
+        src_disc = loaded["discriminator"] if disc is not None else None
+    else:
+        if not path.exists():
+            raise FileNotFoundError(
+                f"init_from={path} not found (expected an official VA-VAE .pt, an export folder "
+                f"written by launch/convert.py vavae, or a VA-VAE trainer run folder)"
             )
-    if path.is_dir() and not run:  # an export: the generator's groups only (not its teacher)
-        groups = load_export(
-            path, dtype=ae_cfg.dtype, groups=("autoencoder", "linear_proj", "logvar")
+        skip = ("lpips", "teacher") + (() if disc is not None else ("discriminator",))
+        _, loaded = convert.load_official(path, ae_cfg, skip=skip)
+        groups = loaded if generator else None
+        src_disc = loaded["discriminator"] if disc is not None else None
+    return groups, src_disc
+
+
+def _check_init_arch(path, what: str, saved: AutoencoderConfig, ae_cfg: AutoencoderConfig):
+    if diff := config_mismatch(saved, ae_cfg):
+        raise ValueError(
+            f"init_from={path}: the {what}'s autoencoder differs from the configured one; "
+            f"({what}, config): {diff}. Set --config.model.* to match, or use another {what}"
         )
-    elif not run:
-        _, groups = load_autoencoder(path, ae_cfg)
+
+
+def _set_generator(gen: nnx.Module, groups: dict, path) -> None:
     src = flat_params(groups["autoencoder"], nnx.Param)
     dst = flat_params(gen.autoencoder, nnx.Param)
     if set(src) != set(dst):
@@ -656,14 +696,11 @@ def load_into_discriminator(
     strict=False) loads it together with the autoencoder. Returns False, logged, when the source
     holds no PatchGAN (the discriminator then keeps its initialisation); a PatchGAN of another
     shape is a ValueError naming both."""
-    path = pathlib.Path(path)
-    if path.is_dir() and is_run_folder(path):
-        src = _run_discriminator(path, disc)
-    elif path.is_dir():
-        src = load_export(path, groups=("discriminator",))["discriminator"]
-    else:
-        _, groups = convert.load_official(path, ae_cfg, skip=("lpips", "teacher"))
-        src = groups["discriminator"]
+    _, src = _read_init_source(path, ae_cfg, generator=False, disc=disc)
+    return _set_discriminator(disc, src, path)
+
+
+def _set_discriminator(disc: nnx.Module, src: nnx.Module | None, path) -> bool:
     if src is None:
         log.warning("init_from=%s has no PatchGAN: the discriminator keeps its init", path)
         return False

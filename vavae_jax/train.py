@@ -416,15 +416,15 @@ def run(
     def init():
         state = train_step.init_state(jax.random.fold_in(rng, 1))
         if config.init_from:
+            # The generator and the PatchGAN with its BatchNorm statistics, from one reading of
+            # the source (the reference's init_from_ckpt loads `loss.discriminator.*` with the
+            # rest).
             gen = nnx.merge(gen_def, state["gen"], state["gen_rest"])
-            init_generator_from(gen, config.init_from, train_step.ae_config)
+            disc = nnx.merge(train_step.disc_def, state["disc"], state["disc_stats"])
+            init_from(gen, disc, config.init_from, train_step.ae_config)
             _, state["gen"], state["gen_rest"] = nnx.split(gen, nnx.Param, ...)
             if "ema" in state:
                 state["ema"] = jax.tree.map(jnp.copy, state["gen"])
-            # The PatchGAN too, when the source has one (the reference's init_from_ckpt loads
-            # `loss.discriminator.*` with the rest).
-            disc = nnx.merge(train_step.disc_def, state["disc"], state["disc_stats"])
-            init_discriminator_from(disc, config.init_from, train_step.ae_config)
             _, state["disc"], state["disc_stats"] = nnx.split(disc, nnx.Param, nnx.BatchStat)
             # Adam's moments start at zero whatever the weights: opt_g needs no new init.
         return state
@@ -504,17 +504,11 @@ def _reconstruct(ae, images):
     return ae.decode(ae.encode(images).mode())
 
 
-def init_generator_from(gen: Generator, path: str, ae_cfg) -> None:
-    """Loads autoencoder, VF projection and logvar weights from an official `.pt`, our export
-    folder or a VA-VAE trainer run folder."""
+def init_from(gen: Generator, disc, path: str, ae_cfg) -> bool:
+    """Loads the autoencoder, VF projection and logvar weights into `gen` and the PatchGAN
+    (weights and BatchNorm statistics) into `disc` from an official `.pt`, our export folder or a
+    VA-VAE trainer run folder, reading it once; False (logged) when the source holds no PatchGAN
+    (the discriminator then keeps its initialisation)."""
     from vavae_jax import checkpoints
 
-    checkpoints.load_into_generator(gen, path, ae_cfg)
-
-
-def init_discriminator_from(disc, path: str, ae_cfg) -> bool:
-    """Loads the PatchGAN (weights and BatchNorm statistics) of the same sources; False (logged)
-    when the source holds none."""
-    from vavae_jax import checkpoints
-
-    return checkpoints.load_into_discriminator(disc, path, ae_cfg)
+    return checkpoints.load_init_from(gen, disc, path, ae_cfg)

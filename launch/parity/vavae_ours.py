@@ -15,7 +15,7 @@ disc_start and the batch size of the list, on one device. It compiles the step f
 shapes first, then waits for `--wait_for` (the GPU sequence makes the files meanwhile), checks
 the files against the shapes and loads them: the generator (autoencoder, linear_proj, logvar)
 and the PatchGAN (weights and BatchNorm statistics) as the trainer's `config.init_from` loads
-them (`train.init_generator_from`, `train.init_discriminator_from`). Step i gets
+them (`train.init_from`). Step i gets
 `vavae_common.step_key_bits(--noise_seed, i)`; the reference's exact phase draws its posterior
 noise from the same key.
 Phases: exact = float32 compute, `jax_default_matmul_precision="highest"`, LPIPS dropout off;
@@ -95,8 +95,7 @@ def check_export(config, init_path) -> None:
 
 def init_state(ts, init_path):
     """The step's state with the generator and the PatchGAN of the export `init_path`, loaded
-    as the trainer's config.init_from loads them (`train.init_generator_from`,
-    `train.init_discriminator_from`)."""
+    as the trainer's config.init_from loads them (`train.init_from`)."""
     import jax
     from flax import nnx
 
@@ -104,11 +103,10 @@ def init_state(ts, init_path):
 
     state = ts.init_state(jax.random.key(0))
     gen = nnx.merge(ts.gen_def, state["gen"], state["gen_rest"])
-    train.init_generator_from(gen, init_path, ts.ae_config)
-    _, state["gen"], state["gen_rest"] = nnx.split(gen, nnx.Param, ...)
     disc = nnx.merge(ts.disc_def, state["disc"], state["disc_stats"])
-    if not train.init_discriminator_from(disc, init_path, ts.ae_config):
+    if not train.init_from(gen, disc, init_path, ts.ae_config):
         raise SystemExit(f"{init_path} holds no PatchGAN: both sides must start from one")
+    _, state["gen"], state["gen_rest"] = nnx.split(gen, nnx.Param, ...)
     _, state["disc"], state["disc_stats"] = nnx.split(disc, nnx.Param, nnx.BatchStat)
     return jax.device_put(state, ts.state_sharding)
 
