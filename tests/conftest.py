@@ -11,6 +11,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # CLIs the tests start inherit these flags (tests/test_e2e.py drops only the device count).
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=1"
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAGS}")
+# For one program (`jax.jit(..., compiler_options=...)`, `aot.compile_report(...)`) whose test
+# compares it only with another compiled alike, or reads only XLA's memory and FLOP figures:
+# LLVM at -O0 without its expensive passes compiles the LightningDiT XL/1 step in 22 s instead
+# of 54 and the VA-VAE step and its naive twin in a fifth less time; the code runs slower.
+CHEAP_COMPILE_OPTIONS = {
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+}
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -43,10 +51,27 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 
+# The order in which `-n 2` hands out work (pyproject.toml: `--dist loadgroup
+# --no-loadscope-reorder`; a worker takes the next unit, a whole xdist group or one test, when
+# it has two tests left): the longest units first, the many short tests last, so that both
+# workers run until the end and neither waits while the other finishes a long test.
+_FIRST_GROUPS = ("vavae_trainer", "lightningdit_trainer")  # ~4 and ~2 minutes on 2 cores
+
+
+def _dispatch_rank(item) -> int:
+    if item.nodeid.startswith("tests/test_e2e.py::"):  # the README chain: ~3 minutes, alone
+        return 0
+    groups = [
+        m.args[0] if m.args else m.kwargs.get("name") for m in item.iter_markers("xdist_group")
+    ]
+    if groups:
+        return 1 + _FIRST_GROUPS.index(groups[0]) if groups[0] in _FIRST_GROUPS else 3
+    return 4 if item.get_closest_marker("slow") else 5
+
+
 def pytest_collection_modifyitems(items):
-    """The README chain (tests/test_e2e.py, the longest test) first: under `-n 2` it then runs
-    beside the others from the start instead of being the last one running."""
-    items.sort(key=lambda item: not item.nodeid.startswith("tests/test_e2e.py::"))
+    """Longest first (see `_dispatch_rank`); a stable sort keeps each file's order."""
+    items.sort(key=_dispatch_rank)
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +88,20 @@ def sample_images_dir() -> pathlib.Path:
     if not path.is_dir():
         raise FileNotFoundError(f"sample images not found at {path}: tests expect ../shared/data")
     return path
+
+
+@pytest.fixture(scope="session")
+def vavae_fsdp_run(sample_images_dir, tmp_path_factory):
+    """(config, `train.run`'s result, workdir) of the smallest VA-VAE run (tests/test_parallel.py:
+    two steps of tests/test_vavae_train.py's tiny config), uninterrupted on the FSDP mesh
+    (data=2 x fsdp=4). It is the fsdp run of the mesh test and the uninterrupted run of the
+    kill-and-resume test, trained once for both (one xdist group: one worker)."""
+    from tests.test_parallel import smallest_vavae_config
+    from vavae_jax import train
+
+    config = smallest_vavae_config(sample_images_dir)
+    workdir = tmp_path_factory.mktemp("vavae_fsdp") / "run"
+    return config, train.run(config, str(workdir)), workdir
 
 
 def load_config(file: str, variant: str | None = None):

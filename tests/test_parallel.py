@@ -49,14 +49,20 @@ MESHES = {
 }
 
 
-def _run_on_meshes(run, config, tmp_path) -> dict[str, dict]:
-    """`run(config)` once per mesh, from the same seed and data (one process: same batches)."""
+def _run_on_meshes(run, config, tmp_path, done=None) -> dict[str, dict]:
+    """`run(config)` once per mesh, from the same seed and data (one process: same batches).
+    `done`: {mesh name: (config, result)} of runs made before (a session fixture), taken as
+    they are where their config is the one this mesh would run."""
     out = {}
     for name, (data, fsdp, num_devices, strategy) in MESHES.items():
         c = config.copy_and_resolve_references()
         c.mesh.update(dict(data=data, fsdp=fsdp, num_devices=num_devices))
         c.sharding = strategy
-        out[name] = run(c, str(tmp_path / name))
+        if done and name in done:
+            done_config, out[name] = done[name]
+            assert done_config.to_dict() == c.to_dict(), name
+        else:
+            out[name] = run(c, str(tmp_path / name))
         assert out[name]["step"] == config.total_steps
     return out
 
@@ -137,12 +143,15 @@ def smallest_vavae_config(sample_images_dir, **overrides):
 
 @pytest.mark.slow
 @VAVAE_TRAINER_GROUP
-def test_vavae_dp_and_fsdp_equal_one_device(sample_images_dir, tmp_path):
+def test_vavae_dp_and_fsdp_equal_one_device(sample_images_dir, tmp_path, vavae_fsdp_run):
     from vavae_jax import train
 
     cfg = smallest_vavae_config(sample_images_dir)
     assert cfg.optim.eps == 1.0  # see the module docstring: weights with a zero gradient
-    results = _run_on_meshes(train.run, cfg, tmp_path)
+    # The FSDP run is the session's (conftest.py), also the uninterrupted run of
+    # tests/test_vavae_train.py's kill-and-resume test.
+    fsdp_config, fsdp_result, _ = vavae_fsdp_run
+    results = _run_on_meshes(train.run, cfg, tmp_path, done={"fsdp": (fsdp_config, fsdp_result)})
     _assert_mesh_and_sharding(
         results, lambda s: s["gen"]["autoencoder"]["decoder"]["conv_in"]["kernel"]
     )

@@ -286,6 +286,7 @@ def compile_report(
     donate_argnums: int | Sequence[int] = (),
     *,
     hbm_bytes: int | None = None,
+    compiler_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Lowers and compiles `jax.jit(step_fn, in_shardings, out_shardings, donate_argnums)` for
     `abstract_args` (pytrees of `jax.ShapeDtypeStruct`) and reports per-device memory and FLOPs.
@@ -296,6 +297,10 @@ def compile_report(
     default from the device kind; None where unknown). The TPU compiler refuses a program that
     does not fit its HBM: the report then has `fits=False`, the compiler's `error` and no
     memory breakdown (`total_bytes` None).
+
+    `compiler_options` (XLA debug options) go to this compile only, e.g. CPU's LLVM at -O0
+    (`{"xla_backend_optimization_level": 0}`): a faster compile of slower code, with the same
+    buffer sizes and FLOP counts (XLA's, from before the code generation).
     """
     abstract_args = tuple(abstract_args)
     device, num_devices = _target_device(in_shardings)
@@ -320,12 +325,13 @@ def compile_report(
     lowered = jitted.lower(*abstract_args)
     t1 = time.perf_counter()
     report["lower_seconds"] = round(t1 - t0, 3)
-    options = {}
+    options = dict(compiler_options or {})
     if device.platform == "gpu" and report["compile_only"]:
         # Without a GPU to autotune on, Triton GEMM fusions can find no tiling and the compile
         # fails ("Couldn't find output tile sizes"); cuBLAS GEMMs compile. Memory is close to
         # that of the real program, which may still pick Triton GEMMs where they autotune better.
         options["xla_gpu_enable_triton_gemm"] = False
+    if options:
         report["compiler_options"] = dict(options)
     try:
         compiled = lowered.compile(compiler_options=options or None)
