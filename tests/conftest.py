@@ -19,6 +19,9 @@ CHEAP_COMPILE_OPTIONS = {
     "xla_backend_optimization_level": 0,
     "xla_llvm_disable_expensive_passes": True,
 }
+# The same for every program of a CLI a test starts, appended to its XLA_FLAGS (the last setting
+# of a flag wins), where the test checks what the CLI writes, not its last-ulp rounding.
+CHEAP_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -195,8 +195,10 @@ def test_training_loss_gradient_finite_at_zero_output():
         return transport.training_loss(nnx.merge(gdef, p, rest), x1, y, jax.random.key(1))[0]
 
     grads = jax.jit(jax.grad(loss))(params)  # one compile, not one per primitive
-    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
-    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+    # Checked in numpy: eager jnp reductions would compile two programs per leaf shape.
+    grads = [np.asarray(g) for g in jax.tree.leaves(grads)]
+    assert all(bool(np.isfinite(g).all()) for g in grads)
+    assert any(float(np.abs(g).max()) > 0 for g in grads)
     a = jnp.zeros((3, 4))
     g = jax.grad(lambda a: transport.cosine_similarity(a, jnp.ones((3, 4))).sum())(a)
-    assert bool(jnp.isfinite(g).all())
+    assert bool(np.isfinite(np.asarray(g)).all())

@@ -11,7 +11,6 @@ from vavae_jax import lpips as lpips_lib
 from vavae_jax.runtime.torch_names import ConversionError
 
 torch = pytest.importorskip("torch")
-lpips_pkg = pytest.importorskip("lpips")  # the reference implementation, installed by `.[test]`
 
 # lpips 0.1.4 builds its trunk with torchvision's deprecated `pretrained=` argument.
 # One xdist worker runs the module: its fixtures (the lpips package's model, the jitted JAX side)
@@ -22,8 +21,16 @@ pytestmark = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def lpips_pkg():
+    """The reference implementation, installed by `.[test]`; the module is skipped without it.
+    Imported when the module runs, not when it is collected: with torchvision it costs 2.4 s,
+    which every xdist worker would pay at its start."""
+    return pytest.importorskip("lpips")
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(lpips_pkg, tmp_path_factory):
     """lpips.LPIPS(net="vgg") with a random VGG16 trunk (no download), its trunk written as a
     torchvision `vgg16` state dict file (`features.N.weight`, as vgg16-397923af.pth)."""
     torch.manual_seed(0)

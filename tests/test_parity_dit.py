@@ -17,6 +17,7 @@ import pytest
 from lightningdit_jax import convert
 from lightningdit_jax import data as data_lib
 from lightningdit_jax.model import PRESETS
+from tests.conftest import CHEAP_COMPILE_FLAGS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PARITY = ROOT / "launch" / "parity"
@@ -50,11 +51,14 @@ def write_latents(directory, n, seed):
 
 
 def run(script, *args):
+    # The cheap compile of conftest.py: the checks below read what the scripts write.
+    flags = f"{os.environ.get('XLA_FLAGS', '')} {CHEAP_COMPILE_FLAGS}"
     proc = subprocess.run(
         [sys.executable, str(PARITY / script), *map(str, args)],
         capture_output=True,
         text=True,
         cwd=ROOT,
+        env={**os.environ, "XLA_FLAGS": flags},
         timeout=600,
     )
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"

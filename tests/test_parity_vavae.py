@@ -20,6 +20,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.conftest import CHEAP_COMPILE_FLAGS
 from tests.test_e2e import _env
 from vavae_jax import checkpoints
 from vavae_jax import lpips as lpips_lib
@@ -35,10 +36,13 @@ STEPS, BATCH = 3, 4
 
 
 def _run(script: str, *args: str) -> dict:
+    # The cheap compile of conftest.py: the checks below read what the scripts write.
+    env = _env()
+    env["XLA_FLAGS"] = f"{env['XLA_FLAGS']} {CHEAP_COMPILE_FLAGS}"
     out = subprocess.run(
         [sys.executable, str(PARITY / script), *args],
         cwd=ROOT,
-        env=_env(),
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,

@@ -260,19 +260,21 @@ def test_step_equals_library_functions(stage_step, use_vf):
         for k in ("vf_loss", "vf_weight"):
             np.testing.assert_allclose(metrics[f"train/{k}"], terms[k], rtol=2e-5, err_msg=k)
     assert float(terms["disc_factor"]) == (1.0 if 2 * stage_step >= 5 else 0.0)
-    ours = jax.tree.map(lambda a, b: a - b, P, new_state["gen"])
+    # Compared in numpy (the same float32 arithmetic): eager jnp ops compile a program per shape.
+    ours = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), P, new_state["gen"])
+    grads = jax.tree.map(np.asarray, grads)
     # Tolerance per leaf, floored by the largest gradient: some leaves' true gradient is 0
     # (e.g. attention key biases: softmax ignores a constant shift) and holds only rounding.
-    global_max = max(float(jnp.abs(b).max()) for b in jax.tree.leaves(grads))
+    global_max = max(float(np.abs(b).max()) for b in jax.tree.leaves(grads))
     for path, (a, b) in zip(
         jax.tree_util.tree_leaves_with_path(ours),
         zip(jax.tree.leaves(ours), jax.tree.leaves(grads)),
     ):
         if "logvar" in jax.tree_util.keystr(path[0]):
-            assert float(jnp.abs(a).max()) == 0.0  # the reference never trains logvar
+            assert float(np.abs(a).max()) == 0.0  # the reference never trains logvar
             continue
-        tol = 2e-4 * float(jnp.abs(b).max()) + 1e-6 * global_max
-        assert float(jnp.abs(a - b).max()) <= tol, jax.tree_util.keystr(path[0])
+        tol = 2e-4 * float(np.abs(b).max()) + 1e-6 * global_max
+        assert float(np.abs(a - b).max()) <= tol, jax.tree_util.keystr(path[0])
 
 
 @pytest.mark.slow
