@@ -56,6 +56,9 @@ REF_FLAGS=${REF_FLAGS:-}
 SAMPLE_FLAGS=${SAMPLE_FLAGS:-}
 EXTRACT_FLAGS=${EXTRACT_FLAGS:---batch_size=64}  # two extractions share the GPU
 export PYTHONUNBUFFERED=1
+if [ ! -d "$DATA" ] && [ -f "$DATA.zip" ]; then # carried zipped (run_vavae_h200.sh does the same)
+  python3 -m zipfile -e "$DATA.zip" "$(dirname "$DATA")"
+fi
 if [ -d .whl ] && ! python3 -c "import grain, ml_collections, array_record" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl

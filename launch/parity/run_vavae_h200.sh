@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The VA-VAE half of issue 18 (items 1 and 4) on one H200, as one command from the repo root
-# (about 8.5 minutes; carry .whl, .data/imagenette-parity and .ref/LightningDiT/vavae):
+# (about 8.5 minutes; carry .whl, .data/imagenette-parity or its .zip, and .ref/LightningDiT/vavae):
 #
 #   bash launch/parity/run_vavae_h200.sh
 #
@@ -67,6 +67,10 @@ MODEL=${MODEL:-f16d32}
 TEACHER=${TEACHER:-dinov2-large}
 TEACHER_RES=${TEACHER_RES:-224}
 P=launch/parity
+if [ ! -d "$DATA" ] && [ -f "$DATA.zip" ]; then # carried zipped: the folder's files cost more
+  python3 -m zipfile -e "$DATA.zip" "$(dirname "$DATA")" || { echo "cannot unzip $DATA.zip" >&2; exit 1; }
+fi
+[ -f "$DATA/batches.json" ] || { echo "no $DATA/batches.json (nor $DATA.zip): run vavae_make_init.py lists" >&2; exit 2; }
 mkdir -p "$W/logs" "$OUT"
 log() { echo "[$(($(date +%s) - T0)) s] $*"; }
 
