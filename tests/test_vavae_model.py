@@ -176,3 +176,58 @@ def test_converter_is_strict(tiny_fixture):
         convert.from_torch_state_dict({"pos_embed": np.zeros((1, 4, 8))}, cfg)
     with pytest.raises(convert.ConversionError, match="does not match"):
         convert.from_torch_state_dict(state, PRESETS["f16d32"])
+
+
+def test_group_norm_equals_torch_and_the_grouped_form():
+    """model.group_norm (per-channel sums first) is torch.nn.GroupNorm(32, C, eps=1e-6) in
+    float32, with a mean far from 0 (the two-pass variance), and equals the grouped 5-D form it
+    replaced, values and input gradients."""
+    torch = pytest.importorskip("torch")
+    from vavae_jax import model
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((2, 8, 6, 64)) * 0.5 + 3.0).astype(np.float32)  # NHWC
+    w = rng.uniform(0.5, 1.5, 64).astype(np.float32)
+    b = rng.uniform(-0.2, 0.2, 64).astype(np.float32)
+    ref = torch.nn.GroupNorm(32, 64, eps=1e-6)
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(w))
+        ref.bias.copy_(torch.from_numpy(b))
+        want = ref(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    got = np.asarray(model.group_norm(jnp.asarray(x), w, b, 32, 1e-6))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
+
+    ct = jnp.asarray(rng.standard_normal(x.shape).astype(np.float32))
+    grads = [
+        jax.grad(lambda x, f=f: jnp.sum(f(x, w, b, 32, 1e-6) * ct))(jnp.asarray(x))
+        for f in (model.group_norm, model.group_norm_grouped)
+    ]
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-4, atol=1e-4)
+    grouped = np.asarray(model.group_norm_grouped(jnp.asarray(x), w, b, 32, 1e-6))
+    np.testing.assert_allclose(got, grouped, rtol=1e-5, atol=2e-5)
+
+
+def test_group_norm_written_backward_candidate():
+    """launch/bench/groupnorm_probe.py's `group_norm_vjp` (a candidate, timed by the probe) has
+    the gradients of model.group_norm in float32: x, weight and bias."""
+    import importlib.util
+    import pathlib
+
+    from vavae_jax import model
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "launch/bench/groupnorm_probe.py"
+    spec = importlib.util.spec_from_file_location("groupnorm_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray((rng.standard_normal((2, 6, 5, 64)) * 0.7 - 1.5).astype(np.float32))
+    w = jnp.asarray(rng.uniform(0.5, 1.5, 64).astype(np.float32))
+    b = jnp.asarray(rng.uniform(-0.2, 0.2, 64).astype(np.float32))
+    ct = jnp.asarray(rng.standard_normal(x.shape).astype(np.float32))
+    want_y = model.group_norm(x, w, b, 32, 1e-6)
+    got_y = probe.group_norm_vjp(x, w, b, 32, 1e-6)
+    np.testing.assert_allclose(got_y, want_y, rtol=1e-6, atol=1e-6)
+    want = jax.grad(lambda *a: jnp.sum(model.group_norm(*a, 32, 1e-6) * ct), (0, 1, 2))(x, w, b)
+    got = jax.grad(lambda *a: jnp.sum(probe.group_norm_vjp(*a, 32, 1e-6) * ct), (0, 1, 2))(x, w, b)
+    for g, e, name in zip(got, want, ("dx", "dweight", "dbias"), strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5, err_msg=name)

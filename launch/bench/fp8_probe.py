@@ -8,6 +8,10 @@ subprocess with a time limit (a direct float8 `jnp.dot` was once seen compiling 
   bf16        x @ w in bfloat16: the baseline.
   direct      float8_e4m3fn x float8_e4m3fn `lax.dot_general` (preferred bf16) times the two
               per-tensor scales; inputs quantised beforehand (the sampling case: weights once).
+  direct_tn   direct with the weight stored [N, K], the layout cuBLASLt's FP8 kernels want.
+  scaled      float8 parameters upcast and multiplied by their scales inside the product (the
+              pattern XLA's GEMM rewriter turns into one cuBLASLt FP8 call with its scales);
+              scaled_tn: the weight stored [N, K], cuBLASLt FP8's layout (no transpose per call).
   direct_qx   the same, with the activation's quantisation (amax, scale, convert) inside: what a
               training or sampling forward pays per product.
   qdq         "quantise, dequantise, dot" in bf16, the pattern XLA's GEMM rewriter is meant to turn
@@ -42,7 +46,9 @@ SHAPES = [
     ("swiglu_in", 16384, 1152, 6144),
     ("swiglu_out", 16384, 3072, 1152),
 ]
-BASE_VARIANTS = ["bf16", "direct", "direct_qx", "qdq", "qdq_noexcess", "bwd_e5m2"]
+BASE_VARIANTS = [
+    "bf16", "direct", "direct_tn", "direct_qx", "scaled", "scaled_tn", "qdq", "qdq_noexcess", "bwd_e5m2"
+]  # fmt: skip
 VARIANTS = BASE_VARIANTS + ["bf16_at0", "direct_at0", "direct_qx_at0", "bwd_e5m2_at0"]
 EXTRA_FLAGS = {
     "noexcess": "--xla_allow_excess_precision=false",
@@ -90,16 +96,38 @@ def _case(variant: str, iters: int, m_div: int, profile: bool = False) -> dict:
             def f(x, ws):
                 return [jnp.dot(x, ws[i], preferred_element_type=bf) for i in range(COPIES)]
 
-        elif variant in ("direct", "bwd_e5m2"):
+        elif variant in ("direct", "bwd_e5m2", "direct_tn"):
             xdt = e5 if variant == "bwd_e5m2" else e4
             sx, sw = scale_of(x, xdt), scale_of(ws, e4)
-            args = (quant(x, sx, xdt), quant(ws, sw, e4), sx * sw)
+            wq = quant(ws, sw, e4)
+            tn = variant == "direct_tn"  # the weight stored [N, K]: cuBLASLt FP8's layout
+            args = (quant(x, sx, xdt), jnp.swapaxes(wq, 1, 2) if tn else wq, sx * sw)
+            dims = (((1,), (1,)), ((), ())) if tn else dn
 
-            def f(xq, wq, s):
+            def f(xq, wq, s, dims=dims):
                 return [
-                    (lax.dot_general(xq, wq[i], dn, preferred_element_type=bf) * s).astype(bf)
+                    (lax.dot_general(xq, wq[i], dims, preferred_element_type=bf) * s).astype(bf)
                     for i in range(COPIES)
                 ]
+
+        elif variant in ("scaled", "scaled_tn"):
+            # float8 parameters, each upcast and multiplied by its scale inside the product: the
+            # pattern XLA's GEMM rewriter folds into one cuBLASLt FP8 call with its scales (no
+            # pass over the output). _tn: the weight stored [N, K], the layout cuBLASLt's FP8
+            # kernels want (no transpose per call).
+            tn = variant == "scaled_tn"
+            sx, sw = scale_of(x, e4), scale_of(ws, e4)
+            wq = quant(ws, sw, e4)
+            args = (quant(x, sx, e4), jnp.swapaxes(wq, 1, 2) if tn else wq, sx, sw)
+            dims = (((1,), (1,)), ((), ())) if tn else dn
+
+            def f(xq, wq, sx, sw, dims=dims):
+                xd = xq.astype(bf) * sx.astype(bf)
+                return [
+                    lax.dot_general(xd, wq[i].astype(bf) * sw.astype(bf), dims,
+                                    preferred_element_type=bf)
+                    for i in range(COPIES)
+                ]  # fmt: skip
 
         elif variant == "direct_qx":
             sw = scale_of(ws, e4)

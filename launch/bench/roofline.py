@@ -263,6 +263,13 @@ def vae_floor(
                 tflops=op.flops / max(ms["product_ms"], 1e-9) / 1e9,
             )
         )
+        if (i + 1) % 20 == 0 or i + 1 == len(census.ops):  # a long loop: progress, plain lines
+            done = sum(r["ms"] for r in ops)
+            print(
+                f"  {i + 1}/{len(census.ops)} signatures timed in "
+                f"{time.perf_counter() - t0:.0f} s ({done:.1f} ms of kernels so far)",
+                flush=True,
+            )
     row["ops"] = sorted(ops, key=lambda r: -r["ms"])
     row["product_ms"] = sum(r["ms"] for r in ops)
     row["traffic_ms_spec"] = nbytes / bw[0] * 1e3

@@ -1,0 +1,136 @@
+"""GroupNorm + SiLU, forward and backward, at the VA-VAE's activation shapes: the grouped 5-D
+reduction (the form of earlier versions) against the per-channel-first one the model uses now,
+and that form with a written backward (`group_norm_vjp`, a candidate: not in the model).
+
+  python launch/bench/groupnorm_probe.py --batch=32 --out=groupnorm_probe.json
+
+Per shape and form: the device kernel time of one call (a profile; GPU only, else wall time), the
+reduction kernels' share, and the largest difference between the two forms' outputs and input
+gradients (the same float32 statistics, summed in another order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+
+from vavae_jax import model
+
+# (H, W, C) of the decoder / encoder GroupNorms at 256 px, the largest first.
+SHAPES = [(256, 256, 128), (128, 128, 256), (128, 128, 128), (64, 64, 256), (32, 32, 512)]
+
+
+def _per_group(s, num_groups):  # [B, C] per-channel sums -> [B, 1, 1, C] its group's sums
+    b, c = s.shape
+    g = s.reshape(b, num_groups, c // num_groups).sum(-1, keepdims=True)
+    return jnp.broadcast_to(g, (b, num_groups, c // num_groups)).reshape(b, 1, 1, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm_vjp(x, weight, bias, num_groups, eps):
+    """The per-channel form with a written backward: the four sums it needs (dbias, dweight and
+    the two group sums of dx) read the cotangent and x once, as one multi-output reduction,
+    instead of what autodiff makes of the forward's two-pass statistics."""
+    return _gn_fwd(x, weight, bias, num_groups, eps)[0]
+
+
+def _gn_fwd(x, weight, bias, num_groups, eps):
+    b, h, w, c = x.shape
+    n = h * w * (c // num_groups)
+    x32 = x.astype(jnp.float32)
+    mean = _per_group(x32.sum(axis=(1, 2)), num_groups) / n
+    d = x32 - mean
+    rstd = jax.lax.rsqrt(_per_group(jnp.square(d).sum(axis=(1, 2)), num_groups) / n + eps)
+    out = (d * (rstd * weight) + bias).astype(x.dtype)
+    return out, (x, weight, mean, rstd)
+
+
+def _gn_bwd(num_groups, eps, res, g):
+    x, weight, mean, rstd = res
+    b, h, w, c = x.shape
+    n = h * w * (c // num_groups)
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    g32 = g.astype(jnp.float32)
+    sum_g = g32.sum(axis=(1, 2))  # [B, C]
+    sum_gx = (g32 * xhat).sum(axis=(1, 2))
+    a = _per_group(sum_g * weight, num_groups) / n
+    bb = _per_group(sum_gx * weight, num_groups) / n
+    dx = rstd * (g32 * weight - a - xhat * bb)
+    return dx.astype(x.dtype), sum_gx.sum(0), sum_g.sum(0)
+
+
+group_norm_vjp.defvjp(_gn_fwd, _gn_bwd)
+FORMS = {
+    "grouped": model.group_norm_grouped,
+    "per_channel": model.group_norm,
+    "per_channel_vjp": group_norm_vjp,
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--out", default="groupnorm_probe.json")
+    args = p.parse_args()
+    gpu = jax.default_backend() == "gpu"
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+    results = []
+    for h, w, c in SHAPES:
+        kx, kc = jax.random.split(jax.random.key(0))
+        x = (jax.random.normal(kx, (args.batch, h, w, c)) * 2 + 0.5).astype(jnp.bfloat16)
+        ct = jax.random.normal(kc, x.shape).astype(jnp.bfloat16)
+        wgt, bias = jnp.linspace(0.5, 1.5, c), jnp.linspace(-0.1, 0.1, c)
+        outs = {}
+        for name, fn in FORMS.items():
+
+            def step(x, wgt, bias, ct, fn=fn):
+                y, vjp = jax.vjp(lambda x, a, b: jax.nn.silu(fn(x, a, b, 32, 1e-6)), x, wgt, bias)
+                return y, vjp(ct)
+
+            compiled = jax.jit(step).lower(x, wgt, bias, ct).compile()
+            res = compiled(x, wgt, bias, ct)
+            jax.block_until_ready(res)
+            times = []
+            for _ in range(args.iters):
+                t0 = time.perf_counter()
+                jax.block_until_ready(compiled(x, wgt, bias, ct))
+                times.append(time.perf_counter() - t0)
+            row = dict(
+                shape=[args.batch, h, w, c], form=name, wall_ms=statistics.median(times) * 1e3
+            )
+            if gpu:
+                from vavae_jax.runtime import profiling
+
+                call = functools.partial(compiled, x, wgt, bias, ct)
+                summary = profiling.profile(call, 5, tempfile.mkdtemp(prefix="gn_"))
+                row["kernel_ms"] = summary["kernel_ms_per_step"]
+                row["by_category_ms"] = summary["by_category_ms"]
+            outs[name] = res
+            results.append(row)
+            print(json.dumps(row), flush=True)
+        ya, (ga, *_) = outs["grouped"]
+        for name in list(FORMS)[1:]:
+            yb, (gb, *_) = outs[name]
+            diff = dict(
+                shape=[args.batch, h, w, c],
+                form=f"{name} vs grouped",
+                max_abs_diff_y=float(jnp.abs(ya.astype(jnp.float32) - yb.astype(jnp.float32)).max()),
+                max_abs_diff_dx=float(jnp.abs(ga.astype(jnp.float32) - gb.astype(jnp.float32)).max()),
+                max_abs_dx=float(jnp.abs(ga.astype(jnp.float32)).max()),
+            )  # fmt: skip
+            results.append(diff)
+            print(json.dumps(diff), flush=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
