@@ -8,6 +8,8 @@ subprocess with a time limit (a direct float8 `jnp.dot` was once seen compiling 
   bf16        x @ w in bfloat16: the baseline.
   direct      float8_e4m3fn x float8_e4m3fn `lax.dot_general` (preferred bf16) times the two
               per-tensor scales; inputs quantised beforehand (the sampling case: weights once).
+  *_fused     bf16 / direct followed by a bias add and SiLU, as in a model: does the output's
+              scale pass fuse into its consumer (XLA's epilogue or the elementwise fusion)?
   direct_tn   direct with the weight stored [N, K], the layout cuBLASLt's FP8 kernels want.
   scaled      float8 parameters upcast and multiplied by their scales inside the product (the
               pattern XLA's GEMM rewriter turns into one cuBLASLt FP8 call with its scales);
@@ -47,7 +49,8 @@ SHAPES = [
     ("swiglu_out", 16384, 3072, 1152),
 ]
 BASE_VARIANTS = [
-    "bf16", "direct", "direct_tn", "direct_qx", "scaled", "scaled_tn", "qdq", "qdq_noexcess", "bwd_e5m2"
+    "bf16", "direct", "direct_tn", "direct_qx", "scaled", "scaled_tn", "qdq", "qdq_noexcess",
+    "bwd_e5m2", "bf16_fused", "direct_fused",
 ]  # fmt: skip
 VARIANTS = BASE_VARIANTS + ["bf16_at0", "direct_at0", "direct_qx_at0", "bwd_e5m2_at0"]
 EXTRA_FLAGS = {
@@ -90,7 +93,30 @@ def _case(variant: str, iters: int, m_div: int, profile: bool = False) -> dict:
         x = jax.random.normal(kx, (m, k), jnp.float32)
         ws = jax.random.normal(kw, (COPIES, k, n), jnp.float32) / k**0.5
         ref = jnp.dot(x, ws[0], precision="highest")
-        if variant == "bf16":
+        bias = jnp.linspace(-0.1, 0.1, n, dtype=jnp.float32)
+        if variant.endswith("_fused"):
+            ref = jax.nn.silu(ref + bias)
+        if variant == "bf16_fused":
+            args = (x.astype(bf), ws.astype(bf), bias.astype(bf))
+
+            def f(x, ws, bias):
+                return [
+                    jax.nn.silu(jnp.dot(x, ws[i], preferred_element_type=bf) + bias)
+                    for i in range(COPIES)
+                ]
+
+        elif variant == "direct_fused":
+            sx, sw = scale_of(x, e4), scale_of(ws, e4)
+            args = (quant(x, sx, e4), quant(ws, sw, e4), sx * sw, bias.astype(bf))
+
+            def f(xq, wq, s, bias):
+                outs = []
+                for i in range(COPIES):
+                    y = lax.dot_general(xq, wq[i], dn, preferred_element_type=bf)
+                    outs.append(jax.nn.silu((y * s).astype(bf) + bias))
+                return outs
+
+        elif variant == "bf16":
             args = (x.astype(bf), ws.astype(bf))
 
             def f(x, ws):
