@@ -38,6 +38,12 @@
 # session instead: REF_LOGS=<folder with ref_free_s0.jsonl, ref_free_s1.jsonl and eval.json>, e.g.
 #   PHASES=free OURS_NOISE_SEEDS=0,1,2 REF_RUNS=0 REF_LOGS=docs/parity/2026-12-04_h200_vavae_run3 \
 #     BUDGET_S=480 W=runs/vavae_parity bash launch/parity/run_vavae_h200.sh
+# same = ours_same + ref_same: the free phase with the exact phase's random draws (our posterior
+# noise on both sides, LPIPS dropout off) at the free phase's precision (bf16 ours, TF32 convs in
+# the reference), the reference from the common init; RESUME=1 continues ref_same. Is a difference
+# of the free phase the random draws' (run 4's grad_norm_g), or the rest?
+#   PHASES=same BUDGET_S=470 W=runs/vavae_parity bash launch/parity/run_vavae_h200.sh
+#   RESUME=1 PHASES=same BUDGET_S=470 W=runs/vavae_parity bash launch/parity/run_vavae_h200.sh
 # Work files go under $W, the results (6 small files) under $OUT.
 set -uo pipefail
 T0=$(date +%s)
@@ -119,6 +125,10 @@ has f64 || touch "$W/f64_done"
       fi
     done
   fi
+  if has same && [ "$RESUME" != 1 ]; then # the free phase without random draws: see above
+    start ours_same $OURS16 $OURS --phase=free --lpips_dropout=off $FREE --tag=ours_same \
+      --out="$W/ours_same.jsonl"
+  fi
   if has free32 && [ "$RESUME" != 1 ]; then
     start ours_free32 $OURS32 $OURS --phase=free --dtype=float32 $FREE --tag=ours_free32 \
       --out="$W/ours_free32.jsonl"
@@ -164,13 +174,19 @@ has f64 || touch "$W/f64_done"
         --save_state="$W/$run.state.pt"
     done
   fi
+  if has same; then
+    from="--init=$W/init.pt"
+    [ "$RESUME" = 1 ] && from="--resume_state=$W/ref_same.state.pt"
+    start ref_same $REFRUN --phase=free --shared_noise --lpips_dropout=off $from --seed=0 $FREE \
+      --tag=ref_same --out="$W/ref_same.jsonl" --save_state="$W/ref_same.state.pt"
+  fi
 }
 for name in "${!PIDS[@]}"; do
   wait "${PIDS[$name]}" && s=ok || s="FAILED rc=$?"
   log "$name: $s; $(grep -v '^\s*$' "$W/logs/$name.log" | tail -1 | cut -c1-500)"
 done
 
-if has free || has free32; then
+if has free || has free32 || has same; then
   log "evaluate the reconstructions"
   python3 $P/vavae_ours.py eval --cache="$W/cache" --lpips="$W/lpips.npz" --out="$W/eval.json" \
     "$W"/recon/*.npy >"$W/logs/eval.log" 2>&1 || tail -20 "$W/logs/eval.log"
@@ -198,6 +214,11 @@ if has free; then
     --recon_dir="$W/recon" --cache="$W/cache" --json="$OUT/vavae_free.json" \
     --plot="$OUT/vavae_free.png" --grid="$OUT/vavae_recon.png" \
     2>"$W/logs/compare_free.log" || tail -20 "$W/logs/compare_free.log"
+fi
+if has same; then # one reference run: its "band" is the run itself
+  python3 $P/vavae_compare.py free --ours "$W/ours_same.jsonl" --refs "$W/ref_same.jsonl" \
+    --eval "$W/eval.json" --json="$OUT/vavae_same.json" --plot="$OUT/vavae_same.png" \
+    2>"$W/logs/compare_same.log" || tail -20 "$W/logs/compare_same.log"
 fi
 [ -n "${SAMPLER:-}" ] && kill "$SAMPLER"
 (cd "$W" && tar -czf "$OUT/vavae_logs.tar.gz" logs ./*.jsonl $(ls eval.json 2>/dev/null))

@@ -21,6 +21,7 @@ same names on both sides (the reference's log names; ours are its `train/...` me
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -151,17 +152,25 @@ class LogWriter:
         """`append`: a resumed run adds its rows (after a second meta line) to its log."""
         self.path = pathlib.Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = self.path.open("a" if append else "w")
-        self.file.write(json.dumps({"meta": meta}) + "\n")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
+        self.fd = os.open(self.path, flags, 0o644)
+        self._line({"meta": meta})
+
+    def _line(self, obj: dict) -> None:
+        # One unbuffered append per line: no Python buffer that a forked child could inherit
+        # and write again, and no line split between two writes (a CPU smoke run once logged
+        # "}{{" where a newline belonged).
+        data = (json.dumps(obj) + "\n").encode()
+        if os.write(self.fd, data) != len(data):
+            raise OSError(f"{self.path}: short write")
 
     def write(self, step: int, values: dict, seconds: float) -> None:
         row = {"step": step, "time": round(seconds, 4)}
         row.update({k: float(values[k]) for k in LOG_KEYS if k in values})
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        self._line(row)
 
     def close(self) -> None:
-        self.file.close()
+        os.close(self.fd)
 
 
 def read_log(path) -> tuple[dict, dict[str, np.ndarray]]:

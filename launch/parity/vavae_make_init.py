@@ -124,7 +124,7 @@ def write_init(out: pathlib.Path, args) -> None:
         ref_dir=args.ref_dir, model=args.model, disc_start=args.disc_start, phase="free",
         teacher=str(out / "teacher"), vgg=str(out / "vgg16_random.pth"),
         lpips_heads=str(out / "lpips_heads_random.pth"), image_size=args.size,
-        teacher_resolution=args.teacher_resolution,
+        teacher_resolution=args.teacher_resolution, shared_noise=False,
     )  # fmt: skip
     ref.import_reference(args.ref_dir)
     ref.install_stubs(ref_args)

@@ -69,6 +69,8 @@ def make_config(args, batches: dict):
         c.loss.lpips_dropout = False
     if args.dtype:  # e.g. the free phase in float32: is a free-phase difference bf16's?
         c.dtype = args.dtype
+    if args.lpips_dropout != "phase":  # e.g. the free phase without dropout: is it dropout's?
+        c.loss.lpips_dropout = args.lpips_dropout == "on"
     return c
 
 
@@ -290,6 +292,10 @@ def main(argv=None) -> dict:
     q.add_argument("--steps", type=int, required=True)
     q.add_argument("--disc_start", type=int, default=200)
     q.add_argument("--dtype", default="", help="compute dtype (default: the phase's)")
+    q.add_argument(
+        "--lpips_dropout", choices=("phase", "on", "off"), default="phase",
+        help="LPIPS dropout: the phase's (exact off, free on) or set",
+    )  # fmt: skip
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--noise_seed", type=int, default=0)
     q.add_argument("--eval_steps", default="")

@@ -24,6 +24,8 @@ Phases:
   free   as it ships: `precision: 32` with torch's default TF32 settings (convolutions may use
          TF32), LPIPS dropout on (its main.py's ImageLogger puts the `.eval()`ed LPIPS back in
          training mode at the first image log), torch's own noise, `--seed` for everything.
+         `--shared_noise` and `--lpips_dropout=off` take the random draws out of it (the free
+         phase's precision, the exact phase's draws): is a free-phase difference the draws'?
 
 No weight can be downloaded, so the loaders are stubbed; each stub loads the harness's RANDOM
 weights, the same files our side loads (`vavae_make_init.py make` writes them):
@@ -35,7 +37,7 @@ weights, the same files our side loads (`vavae_make_init.py make` writes them):
      `vit_large_patch14_dinov2(pretrained=False, dynamic_img_size=True)` of the shape of the
      transformers folder `--teacher` (random), its weights renamed to timm's names; width from
      the folder instead of the hard-coded 1024 (equal for dinov2-large).
-  4. exact phase only: `DiagonalGaussianDistribution.sample` uses our step's eps
+  4. exact phase or `--shared_noise`: `DiagonalGaussianDistribution.sample` uses our step's eps
      (`vavae_common.posterior_eps`) instead of `torch.randn`.
   5. images not 256 px (tiny CPU runs) only: `aux_foundation_model.forward_dinov2` resizes to
      `--teacher_resolution` instead of 224 and reshapes to the token grid instead of h // 16.
@@ -182,7 +184,7 @@ def install_stubs(args) -> None:
     taming_lpips.LPIPS.load_from_pretrained = load_heads
     fm.create_foundation_model = lambda type: load_teacher(args.teacher)  # stub 3
 
-    if args.phase == "exact":  # stub 4
+    if args.phase == "exact" or args.shared_noise:  # stub 4
 
         def sample(self):
             shape = tuple(self.mean.shape)  # [B, C, h, w]
@@ -193,6 +195,7 @@ def install_stubs(args) -> None:
             )
 
         distributions.DiagonalGaussianDistribution.sample = sample
+        NOISE_STEP_STUBBED[0] = True
 
     if args.image_size != 256:  # stub 5
         res = args.teacher_resolution
@@ -210,6 +213,12 @@ def install_stubs(args) -> None:
 
 
 NOISE_STEP = [0]  # the iteration whose eps stub 4 draws (set by the recorder)
+NOISE_STEP_STUBBED = [False]  # whether stub 4 is in place
+
+
+def lpips_dropout(args) -> bool:
+    """The LPIPS heads' dropout: the phase's (free: on, as shipped; exact: off) unless set."""
+    return args.phase == "free" if args.lpips_dropout == "phase" else args.lpips_dropout == "on"
 
 
 def model_config(ref_dir, model: str, disc_start: int) -> dict:
@@ -289,6 +298,14 @@ def main(argv=None):
     p.add_argument("--disc_start", type=int, default=200, help="Lightning global steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise_seed", type=int, default=0, help="our step's noise (exact phase)")
+    p.add_argument(
+        "--shared_noise", action="store_true",
+        help="free phase: our step's posterior noise (stub 4) instead of torch's",
+    )  # fmt: skip
+    p.add_argument(
+        "--lpips_dropout", choices=("phase", "on", "off"), default="phase",
+        help="LPIPS dropout: the phase's (exact off, free on) or set",
+    )  # fmt: skip
     p.add_argument("--eval_steps", default="", help="e.g. 0,250,500,1000")
     p.add_argument("--recon_dir", default="")
     p.add_argument("--tag", default="ref")
@@ -350,8 +367,9 @@ def train(args, pl, torch, model, batches, train_u8, resume=None) -> None:
         side="reference", phase=args.phase, seed=args.seed, init=args.init, steps=args.steps,
         disc_start=args.disc_start, torch=torch.__version__, device=_device_name(torch),
         tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
-        tf32_cudnn=torch.backends.cudnn.allow_tf32, lpips_dropout=args.phase == "free",
+        tf32_cudnn=torch.backends.cudnn.allow_tf32, lpips_dropout=lpips_dropout(args),
         dtype="float64" if args.float64 else "float32",
+        noise=f"ours, seed {args.noise_seed}" if NOISE_STEP_STUBBED[0] else "torch",
     )  # fmt: skip
     if resume:
         meta["resumed_at"] = start
@@ -381,7 +399,7 @@ def train(args, pl, torch, model, batches, train_u8, resume=None) -> None:
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             NOISE_STEP[0] = start + batch_idx
-            module.loss.perceptual_loss.train(args.phase == "free")  # dropout: see docstring
+            module.loss.perceptual_loss.train(lpips_dropout(args))  # dropout: see docstring
             captured.clear()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
