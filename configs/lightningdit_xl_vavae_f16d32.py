@@ -134,7 +134,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.image_every_steps = 10_000
     c.num_grid_images = 8
     c.grid_sample_steps = 50  # fewer ODE steps for the in-training grid than for FID
-    c.progress_bar = True
+    c.progress_bar = True  # shown where a terminal watches (stderr a TTY); log lines either way
 
     if v["small"]:
         _shrink(c, keep_preset=model is not None)

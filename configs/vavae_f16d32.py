@@ -180,7 +180,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.image_every_steps = 1000
     c.num_grid_images = 8
-    c.progress_bar = True
+    c.progress_bar = True  # shown where a terminal watches (stderr a TTY); log lines either way
 
     if v["small"]:
         _shrink(c)

@@ -59,7 +59,7 @@ from lightningdit_jax import train as dit_train
 from vavae_jax import data as image_data
 from vavae_jax.data import DataCountError
 from vavae_jax.runtime import checkpoint as ckpt_lib
-from vavae_jax.runtime import sharding, trainer
+from vavae_jax.runtime import loop, sharding, trainer
 
 log = logging.getLogger(__name__)
 
@@ -283,18 +283,11 @@ def _encode_shards(
     it, num_records = image_data.make_eval_iterator(
         data_config, batch_size, start_batch=plans[0].first_batch, source=source
     )
-    pbar, t0, n_done = None, time.perf_counter(), 0
+    t0, n_done = time.perf_counter(), 0
     nproc = jax.process_count()
-    if progress:
-        from tqdm import tqdm
-
-        pbar = tqdm(
-            total=num_records,
-            initial=done_records * nproc,
-            unit="img",
-            desc="extract",
-            dynamic_ncols=True,
-        )
+    pbar = None
+    if progress:  # a bar where a terminal watches, else plain log lines
+        pbar = loop.Progress(num_records, "extract", unit="img", initial=done_records * nproc)
     written = 0
     for plan, encode in zip(plans, todo):
         zs, ys, skipped, real = [], [], 0, 0
@@ -317,8 +310,9 @@ def _encode_shards(
                 ys.append(np.asarray(local["label"])[keep])
             n_done += n_real
             if pbar is not None:
-                pbar.update(n_real * nproc)
-                pbar.set_postfix(img_s=f"{n_done * nproc / (time.perf_counter() - t0):.1f}")
+                pbar.update(
+                    n_real * nproc, img_s=f"{n_done * nproc / (time.perf_counter() - t0):.1f}"
+                )
         if real != plan.real_records(num_records):
             raise DataCountError(
                 f"shard {plan.file}: the batches held {real} records, expected "
@@ -833,12 +827,8 @@ def sample_npz(
     done = np.asarray(multihost_utils.broadcast_one_to_all(done), bool)  # process 0 decides
     n_done = int(sum(min(batch_size, num_samples - c * batch_size) for c in np.flatnonzero(done)))
     pbar = None
-    if progress and pid == 0:
-        from tqdm import tqdm
-
-        pbar = tqdm(
-            total=num_samples, initial=n_done, unit="img", desc="sample", dynamic_ncols=True
-        )
+    if progress and pid == 0:  # a bar where a terminal watches, else plain log lines
+        pbar = loop.Progress(num_samples, "sample", unit="img", initial=n_done)
     key = jax.random.key(seed)
     written, t0, n_new = 0, time.perf_counter(), 0
     image_shape = None
@@ -857,8 +847,7 @@ def sample_npz(
             written += 1
             n_new += hi - lo
             if pbar is not None:
-                pbar.update(hi - lo)
-                pbar.set_postfix(img_s=f"{n_new / (time.perf_counter() - t0):.2f}")
+                pbar.update(hi - lo, img_s=f"{n_new / (time.perf_counter() - t0):.2f}")
             if max_chunks is not None and written >= max_chunks and not done[c + 1 :].all():
                 return None  # stopped with chunks left, as a preempted run
     finally:

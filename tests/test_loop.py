@@ -120,3 +120,64 @@ def test_a_diverged_step_is_never_saved():
         _run(total=9, nan_at=5)  # step index 5 -> step 6, caught before its log and save
     with pytest.raises(TrainingDivergedError, match="no checkpoint was written yet"):
         _run(total=9, nan_at=1)
+
+
+def test_progress_without_a_terminal_logs_plain_lines(caplog, capsys):
+    """No TTY (pytest captures stderr): no bar, a plain line per `every_s` and one at the end;
+    disabled: nothing."""
+    import logging
+
+    from vavae_jax.runtime import loop
+
+    assert loop.progress_bar(True, 0, 10, "x") is None  # the trainers' bar: also TTY-only
+    with caplog.at_level(logging.INFO, logger="vavae_jax.runtime.loop"):
+        bar = loop.Progress(10, "extract", unit="img", initial=2, every_s=0.0)
+        assert bar.bar is None
+        bar.update(3, img_s="1.0")
+        bar.update(5)
+        bar.close()
+        bar.close()  # once only
+        silent = loop.Progress(10, "quiet", enabled=False, every_s=0.0)
+        silent.update(10)
+        silent.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "vavae_jax.runtime.loop"]
+    assert [ln.split(",")[0] for ln in lines] == [
+        "extract: 5/10 img (50%)",
+        "extract: 10/10 img (100%)",
+        "extract: 10/10 img (100%)",
+    ]
+    assert "ETA" in lines[0] and "ETA" not in lines[-1]
+    assert not any("quiet" in ln for ln in lines)
+    assert "\r" not in capsys.readouterr().err  # no bar redraws
+
+
+def test_console_logs_above_a_bar_print_each_record_once(capsys):
+    """absl's handler wraps a StreamHandler (`python_handler`) that tqdm's own redirect missed:
+    records came out twice. Every console StreamHandler, wrapped or not, writes through
+    tqdm.write while the bar is shown, and gets its stream back after."""
+    import logging
+    import sys
+
+    from vavae_jax.runtime import loop
+
+    class Wrapper(logging.Handler):  # the shape of absl.logging.ABSLHandler
+        def __init__(self):
+            super().__init__()
+            self.python_handler = logging.StreamHandler(sys.stderr)
+
+        def emit(self, record):
+            self.python_handler.emit(record)
+
+    root = logging.getLogger()
+    logger = logging.getLogger("test_console_logs_above")
+    for handler in (Wrapper(), logging.StreamHandler(sys.stderr)):
+        inner = getattr(handler, "python_handler", handler)
+        root.addHandler(handler)
+        try:
+            with loop.console_logs_above(object()):  # any bar
+                assert inner.stream is not sys.stderr
+                logger.warning("record-one")
+            assert inner.stream is sys.stderr
+        finally:
+            root.removeHandler(handler)
+        assert capsys.readouterr().err.count("record-one") == 1, type(handler).__name__

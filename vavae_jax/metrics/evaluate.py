@@ -24,13 +24,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from vavae_jax import checkpoints, data
 from vavae_jax import lpips as lpips_lib
 from vavae_jax.metrics import fid, image
 from vavae_jax.metrics import inception as inception_lib
 from vavae_jax.model import PRESETS
+from vavae_jax.runtime import loop
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def evaluate_tokenizer(
     per_image = {"psnr": [], "ssim": [], "lpips": []}
     key = jax.random.key(seed)
     start = time.time()
-    bar = tqdm(total=n, unit="img", disable=not progress, desc="tokenizer")
+    bar = loop.Progress(n, "tokenizer", unit="img", enabled=progress)
     for step, batch in enumerate(it):
         mask = np.asarray(batch["mask"], bool)
         images = jnp.asarray(batch["image"])

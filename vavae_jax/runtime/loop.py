@@ -8,6 +8,7 @@ import datetime
 import logging
 import math
 import signal
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -109,12 +110,110 @@ def _duration(seconds: float) -> str:
 
 
 def progress_bar(enabled: bool, start: int, total: int, desc: str):
-    """A tqdm bar on process 0 when `enabled`, else None."""
-    if not enabled or jax.process_index() != 0:
+    """A tqdm bar on process 0 when `enabled` and a terminal watches (stderr is a TTY), else
+    None: a captured log gets the plain log lines alone, not a bar's carriage-return redraws."""
+    if not enabled or jax.process_index() != 0 or not _is_tty(sys.stderr):
         return None
     from tqdm import tqdm
 
     return tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+
+
+class Progress:
+    """Progress of a long job that is not a training loop (latent extraction, sampling,
+    evaluation): a tqdm bar where a terminal watches (stderr a TTY), else a plain log line at
+    most every `every_s` seconds and one at the end (count, rate, ETA), so that a captured log
+    shows how far the job got without a bar's carriage-return redraws. `enabled=False`: silent.
+
+        bar = Progress(total, "extract", unit="img", initial=done)
+        bar.update(n, img_s="123.4")
+        bar.close()
+    """
+
+    def __init__(
+        self, total: int, desc: str, *, unit: str = "it", initial: int = 0,
+        enabled: bool = True, every_s: float = 30.0,
+    ):  # fmt: skip
+        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
+        self.enabled, self.n, self.start_n = enabled, initial, initial
+        self.t0 = self._last = time.perf_counter()
+        self.bar = None
+        if enabled and _is_tty(sys.stderr):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
+
+    def update(self, n: int, **postfix) -> None:
+        self.n += n
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(**postfix)
+        elif self.enabled and time.perf_counter() - self._last >= self.every_s:
+            self._line()
+
+    def _line(self, done: bool = False) -> None:
+        self._last = now = time.perf_counter()
+        rate = (self.n - self.start_n) / max(now - self.t0, 1e-9)
+        text = f"{self.desc}: {self.n}/{self.total} {self.unit}"
+        if self.total:
+            text += f" ({100 * self.n / self.total:.0f}%)"
+        text += f", {rate:.1f} {self.unit}/s"
+        if not done and rate > 0 and self.total > self.n:
+            text += f", ETA {_duration((self.total - self.n) / rate)}"
+        log.info("%s", text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        elif self.enabled:
+            self._line(done=True)
+            self.enabled = False
+
+
+def _is_tty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+class _TqdmStream:
+    """A file-like console stream that writes each record above the bar (tqdm.write)."""
+
+    def write(self, text: str) -> None:
+        from tqdm import tqdm
+
+        if text.rstrip("\n"):
+            tqdm.write(text.rstrip("\n"), file=sys.stderr)
+
+    def flush(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def console_logs_above(pbar):
+    """While the bar `pbar` is shown, the console handlers of the root logger write above it.
+    absl's handler (launch/ scripts run under absl.app) wraps a StreamHandler that
+    tqdm.contrib.logging.logging_redirect_tqdm does not see: it kept writing into the bar, and
+    that helper's extra handler printed every record a second time. Here each console
+    StreamHandler, absl's inner one included, gets a stream that writes through tqdm.write;
+    formats and levels stay as they are."""
+    if pbar is None:
+        yield
+        return
+    swapped = []
+    for handler in logging.getLogger().handlers:
+        for h in (handler, getattr(handler, "python_handler", None)):
+            stream = getattr(h, "stream", None)
+            if isinstance(h, logging.StreamHandler) and stream in (sys.stdout, sys.stderr):
+                swapped.append((h, h.setStream(_TqdmStream())))
+    try:
+        yield
+    finally:
+        for h, stream in swapped:
+            h.setStream(stream)
 
 
 class LoopControl:
@@ -140,7 +239,8 @@ class LoopControl:
       grid and saves.
     - Each log also prints one plain line on process 0 through Python logging (step, the
       `log_keys` metrics, images/s, ETA) for runs that nobody watches; while a bar is shown,
-      log records go through tqdm.write so that they do not garble it.
+      log records go through tqdm.write so that they do not garble it (`console_logs_above`).
+      The bar is shown only where a terminal watches (stderr a TTY).
     - On exit the checkpointer (waiting for saves in flight), the writer and the bar are closed;
       a run that reached `total_steps` logs one completion line.
     """
@@ -178,10 +278,7 @@ class LoopControl:
 
     def __enter__(self) -> LoopControl:
         self._old_handler = signal.signal(signal.SIGTERM, self._on_signal)
-        if self.pbar is not None:
-            from tqdm.contrib.logging import logging_redirect_tqdm
-
-            self._redirect.enter_context(logging_redirect_tqdm())
+        self._redirect.enter_context(console_logs_above(self.pbar))
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
