@@ -278,20 +278,19 @@ class LogWriter:
     <LOG_KEYS>} per step; `finish` appends {"end": ...} (throughput, checkpoints)."""
 
     def __init__(self, path, meta: dict):
-        self.path = pathlib.Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = self.path.open("w")
-        self.file.write(json.dumps({"meta": meta}) + "\n")
+        from vavae_common import JsonLines  # the same unbuffered appends as the VA-VAE logs
+
+        self.out = JsonLines(path)
+        self.out.line({"meta": meta})
 
     def write(self, step: int, values: dict, seconds: float, injected: bool) -> None:
         row = {"step": int(step), "time": round(float(seconds), 4), "injected": bool(injected)}
         row.update({k: float(values[k]) for k in LOG_KEYS if k in values})
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        self.out.line(row)
 
     def finish(self, end: dict) -> None:
-        self.file.write(json.dumps({"end": end}) + "\n")
-        self.file.close()
+        self.out.line({"end": end})
+        self.out.close()
 
 
 def read_log(path) -> tuple[dict, dict[str, np.ndarray], dict]:

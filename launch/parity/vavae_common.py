@@ -145,32 +145,41 @@ def posterior_eps(seed: int, step: int, shape_nhwc: tuple[int, ...]) -> np.ndarr
 # ---------------------------------------------------------------------------------------------
 # Logs
 # ---------------------------------------------------------------------------------------------
+class JsonLines:
+    """A JSON-lines file written one unbuffered append per line: no Python buffer that a forked
+    child could inherit and write again, and no line split between two writes (a CPU smoke run
+    once logged "}{{" where a newline belonged). Both harnesses' logs use it."""
+
+    def __init__(self, path, *, append: bool = False):
+        self.path = pathlib.Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
+        self.fd = os.open(self.path, flags, 0o644)
+
+    def line(self, obj: dict) -> None:
+        data = (json.dumps(obj) + "\n").encode()
+        if os.write(self.fd, data) != len(data):
+            raise OSError(f"{self.path}: short write")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class LogWriter:
     """JSON lines, one per step: {"step": i, "time": s, <LOG_KEYS present>}."""
 
     def __init__(self, path, meta: dict, *, append: bool = False):
         """`append`: a resumed run adds its rows (after a second meta line) to its log."""
-        self.path = pathlib.Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
-        self.fd = os.open(self.path, flags, 0o644)
-        self._line({"meta": meta})
-
-    def _line(self, obj: dict) -> None:
-        # One unbuffered append per line: no Python buffer that a forked child could inherit
-        # and write again, and no line split between two writes (a CPU smoke run once logged
-        # "}{{" where a newline belonged).
-        data = (json.dumps(obj) + "\n").encode()
-        if os.write(self.fd, data) != len(data):
-            raise OSError(f"{self.path}: short write")
+        self.out = JsonLines(path, append=append)
+        self.out.line({"meta": meta})
 
     def write(self, step: int, values: dict, seconds: float) -> None:
         row = {"step": step, "time": round(seconds, 4)}
         row.update({k: float(values[k]) for k in LOG_KEYS if k in values})
-        self._line(row)
+        self.out.line(row)
 
     def close(self) -> None:
-        os.close(self.fd)
+        self.out.close()
 
 
 def read_log(path) -> tuple[dict, dict[str, np.ndarray]]:
