@@ -201,28 +201,30 @@ def plot_curves(logs, evals, ours, refs, window, path) -> None:
     axes[1].set_title(f"gradient norm, mean of {window} steps", fontsize=9)
     if free:
         axes[0].legend(fontsize=7)
-    styles = {"model": "-", "ema": ":"}
+    # Validation: the model weights of the free runs after step 0 (at step 0 all share the one
+    # init; the EMA, slow to leave it, is in the table), one colour per run, ours' evaluator as
+    # a line with dots and the reference's as crosses on it.
+    colors = {run: line.get_color() for run, line in zip(free, axes[0].get_lines(), strict=False)}
     markers = {"ours": "o", "reference": "x"}
+    step0 = set()
     for evaluator, ev in evals.items():
-        for run in sorted({r for (r, _, _) in ev}):
-            for weights in ("model", "ema"):
-                pts = sorted(
-                    (s, row["loss"]) for (r, s, w), row in ev.items() if r == run and w == weights
-                )
-                if pts:
-                    s, v = zip(*pts)
-                    axes[2].plot(
-                        s,
-                        v,
-                        styles[weights],
-                        marker=markers.get(evaluator, "."),
-                        ms=4,
-                        lw=0.8,
-                        label=f"{run} {weights} (by {evaluator})",
-                    )
-    axes[2].set_title("validation loss (fixed latents, t grid, noise)", fontsize=9)
+        for run in [r for r in free if any(k[0] == r for k in ev)]:
+            pts = sorted(
+                (s, row["loss"]) for (r, s, w), row in ev.items() if r == run and w == "model"
+            )
+            step0.update(round(v, 4) for s, v in pts if s == 0)
+            pts = [(s, v) for s, v in pts if s > 0]
+            if not pts:
+                continue
+            s, v = zip(*pts)
+            axes[2].plot(
+                s, v, "-" if evaluator == "ours" else "none", marker=markers.get(evaluator, "."),
+                ms=5, lw=1, color=colors.get(run), label=f"{run} (by {evaluator})",
+            )  # fmt: skip
+    at0 = f"; step 0: {min(step0):.4f}" if step0 else ""
+    axes[2].set_title(f"validation loss, model weights{at0}", fontsize=9)
     if evals:
-        axes[2].legend(fontsize=5)
+        axes[2].legend(fontsize=6)
     present = [r for r in refs if r in free]
     if ours in free and len(present) == 2:
         la, l0, l1 = (free[r][1] for r in (ours, *present))
