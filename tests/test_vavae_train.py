@@ -410,3 +410,10 @@ def test_schedule_stages():
     with pytest.raises(ValueError, match="unknown variant"):
         load_config("vavae_f16d32.py", "smal")
     assert dataclasses.is_dataclass(train.Stage)
+    # The log line of a stage: its steps and the fields stages change, the GAN's start in steps.
+    assert stages[0].describe() == (
+        "steps 0 to 999: vf_weight 0.5, margins distmat 0.0 / cos 0.0, GAN from step 2501 "
+        "(disc_start 5001)"
+    )
+    restart = "; optimizers restart at step 1000" if stages[1].reset_optimizers else ""
+    assert stages[1].describe().endswith(f"GAN from step 1 (disc_start 1){restart}")

@@ -201,6 +201,23 @@ class Stage:
     loss: losses.LossConfig  # config.loss with the stage's vf_weight, margins and disc_start
     reset_optimizers: bool
 
+    def describe(self) -> str:
+        """One log line: the stage's steps and what stages may change (losses.TRACED_FIELDS).
+        disc_start counts the reference's Lightning steps, two per iteration: the GAN joins at
+        iteration ceil(disc_start / 2)."""
+        lc = self.loss
+        gan = -(-lc.disc_start // 2)
+        return (
+            f"steps {self.start} to {self.end - 1}: vf_weight {lc.vf_weight}, margins distmat "
+            f"{lc.distmat_margin} / cos {lc.cos_margin}, GAN from step {gan} (disc_start "
+            f"{lc.disc_start})"
+            + (
+                f"; optimizers restart at step {self.start}"
+                if self.reset_optimizers and self.start
+                else ""
+            )
+        )
+
 
 def make_schedule(config, steps_per_epoch: int) -> list[Stage]:
     base = losses.LossConfig.from_config(config.loss)
@@ -459,7 +476,7 @@ def run(
                     state = train_step.reset_optimizers(state)
                     log.info("stage boundary at step %d: optimizers restarted", step)
                 stage = new_stage
-                log.info("stage %s", stage)
+                log.info("stage %s", stage.describe())
             local = next(train_iter)
             batch = data_lib.make_global_batch({"image": local["image"]}, mesh)
             if grid_batch is None:
