@@ -82,7 +82,11 @@ def _parser() -> argparse.ArgumentParser:
         "Inception call (fewer when there are fewer images: no padding to a large batch)"
     )  # fmt: skip
     p.add_argument("--output", default=None, help="write the JSON results here too")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no_progress",
+        action="store_true",
+        help="no progress (a bar on a terminal, else log lines)",
+    )
     return p
 
 

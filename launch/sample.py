@@ -73,7 +73,9 @@ def define_flags() -> None:
     flags.DEFINE_bool("grid_only", False, "Only write a demo grid PNG of --classes.")
     flags.DEFINE_list("classes", [str(c) for c in DEMO_CLASSES], "Classes of the demo grid.")
     flags.DEFINE_integer("grid_columns", 4, "Images per row of the demo grid.")
-    flags.DEFINE_bool("progress", True, "Show a progress bar.")
+    flags.DEFINE_bool(
+        "progress", True, "Progress: a bar on a terminal, else a log line every 30 s."
+    )
 
 
 def main(argv):
