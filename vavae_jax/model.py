@@ -110,23 +110,26 @@ def group_norm_grouped(x, weight, bias, num_groups: int, eps: float):
     return constrain_batch((xg.reshape(b, h, w, c) * weight + bias).astype(x.dtype))
 
 
+def group_sums(s, num_groups: int):
+    """[B, C] per-channel sums -> [B, 1, 1, C]: each channel's group sum (GroupNorm's
+    statistics, summed over (H, W) first)."""
+    b, c = s.shape
+    g = s.reshape(b, num_groups, c // num_groups).sum(-1, keepdims=True)
+    return jnp.broadcast_to(g, (b, num_groups, c // num_groups)).reshape(b, 1, 1, c)
+
+
 def group_norm(x, weight, bias, num_groups: int, eps: float):
     """torch.nn.GroupNorm on [B, H, W, C]: statistics in float32 with the two-pass variance.
     Each sum runs over (H, W) first, per channel, in the activation's own layout, then over the
     channels of a group on the small [B, C] result. On an H200 XLA emits the first as a fast
     column reduction; one reduction over (H, W, C/G) of a 5-D view took 27% of the VA-VAE step's
     kernel time (launch/bench/groupnorm_probe.py)."""
-    b, h, w, c = x.shape
+    _, h, w, c = x.shape
     n = h * w * (c // num_groups)
-
-    def per_group(s):  # [B, C] per-channel sums -> [B, 1, 1, C] group sums, each channel's
-        g = s.reshape(b, num_groups, c // num_groups).sum(-1, keepdims=True)
-        return jnp.broadcast_to(g, (b, num_groups, c // num_groups)).reshape(b, 1, 1, c)
-
     x32 = constrain_batch(x.astype(jnp.float32))
-    mean = per_group(x32.sum(axis=(1, 2))) / n
+    mean = group_sums(x32.sum(axis=(1, 2)), num_groups) / n
     d = x32 - mean
-    var = per_group(jnp.square(d).sum(axis=(1, 2))) / n
+    var = group_sums(jnp.square(d).sum(axis=(1, 2)), num_groups) / n
     out = d * (jax.lax.rsqrt(var + eps) * weight) + bias
     return constrain_batch(out.astype(x.dtype))
 

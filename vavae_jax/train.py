@@ -207,16 +207,14 @@ class Stage:
         iteration ceil(disc_start / 2)."""
         lc = self.loss
         gan = -(-lc.disc_start // 2)
-        return (
+        text = (
             f"steps {self.start} to {self.end - 1}: vf_weight {lc.vf_weight}, margins distmat "
             f"{lc.distmat_margin} / cos {lc.cos_margin}, GAN from step {gan} (disc_start "
             f"{lc.disc_start})"
-            + (
-                f"; optimizers restart at step {self.start}"
-                if self.reset_optimizers and self.start
-                else ""
-            )
         )
+        if self.reset_optimizers and self.start:  # at step 0 there is nothing to restart
+            text += f"; optimizers restart at step {self.start}"
+        return text
 
 
 def make_schedule(config, steps_per_epoch: int) -> list[Stage]:

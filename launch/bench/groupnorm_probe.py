@@ -27,12 +27,6 @@ from vavae_jax import model
 SHAPES = [(256, 256, 128), (128, 128, 256), (128, 128, 128), (64, 64, 256), (32, 32, 512)]
 
 
-def _per_group(s, num_groups):  # [B, C] per-channel sums -> [B, 1, 1, C] its group's sums
-    b, c = s.shape
-    g = s.reshape(b, num_groups, c // num_groups).sum(-1, keepdims=True)
-    return jnp.broadcast_to(g, (b, num_groups, c // num_groups)).reshape(b, 1, 1, c)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def group_norm_vjp(x, weight, bias, num_groups, eps):
     """The per-channel form with a written backward: the four sums it needs (dbias, dweight and
@@ -45,9 +39,9 @@ def _gn_fwd(x, weight, bias, num_groups, eps):
     b, h, w, c = x.shape
     n = h * w * (c // num_groups)
     x32 = x.astype(jnp.float32)
-    mean = _per_group(x32.sum(axis=(1, 2)), num_groups) / n
+    mean = model.group_sums(x32.sum(axis=(1, 2)), num_groups) / n
     d = x32 - mean
-    rstd = jax.lax.rsqrt(_per_group(jnp.square(d).sum(axis=(1, 2)), num_groups) / n + eps)
+    rstd = jax.lax.rsqrt(model.group_sums(jnp.square(d).sum(axis=(1, 2)), num_groups) / n + eps)
     out = (d * (rstd * weight) + bias).astype(x.dtype)
     return out, (x, weight, mean, rstd)
 
@@ -60,8 +54,8 @@ def _gn_bwd(num_groups, eps, res, g):
     g32 = g.astype(jnp.float32)
     sum_g = g32.sum(axis=(1, 2))  # [B, C]
     sum_gx = (g32 * xhat).sum(axis=(1, 2))
-    a = _per_group(sum_g * weight, num_groups) / n
-    bb = _per_group(sum_gx * weight, num_groups) / n
+    a = model.group_sums(sum_g * weight, num_groups) / n
+    bb = model.group_sums(sum_gx * weight, num_groups) / n
     dx = rstd * (g32 * weight - a - xhat * bb)
     return dx.astype(x.dtype), sum_gx.sum(0), sum_g.sum(0)
 

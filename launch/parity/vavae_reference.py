@@ -184,7 +184,7 @@ def install_stubs(args) -> None:
     taming_lpips.LPIPS.load_from_pretrained = load_heads
     fm.create_foundation_model = lambda type: load_teacher(args.teacher)  # stub 3
 
-    if args.phase == "exact" or args.shared_noise:  # stub 4
+    if our_noise(args):  # stub 4
 
         def sample(self):
             shape = tuple(self.mean.shape)  # [B, C, h, w]
@@ -195,7 +195,6 @@ def install_stubs(args) -> None:
             )
 
         distributions.DiagonalGaussianDistribution.sample = sample
-        NOISE_STEP_STUBBED[0] = True
 
     if args.image_size != 256:  # stub 5
         res = args.teacher_resolution
@@ -213,7 +212,11 @@ def install_stubs(args) -> None:
 
 
 NOISE_STEP = [0]  # the iteration whose eps stub 4 draws (set by the recorder)
-NOISE_STEP_STUBBED = [False]  # whether stub 4 is in place
+
+
+def our_noise(args) -> bool:
+    """Whether the posterior noise is our step's (stub 4): the exact phase, or --shared_noise."""
+    return args.phase == "exact" or args.shared_noise
 
 
 def lpips_dropout(args) -> bool:
@@ -369,7 +372,7 @@ def train(args, pl, torch, model, batches, train_u8, resume=None) -> None:
         tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
         tf32_cudnn=torch.backends.cudnn.allow_tf32, lpips_dropout=lpips_dropout(args),
         dtype="float64" if args.float64 else "float32",
-        noise=f"ours, seed {args.noise_seed}" if NOISE_STEP_STUBBED[0] else "torch",
+        noise=f"ours, seed {args.noise_seed}" if our_noise(args) else "torch",
     )  # fmt: skip
     if resume:
         meta["resumed_at"] = start

@@ -109,14 +109,14 @@ def _duration(seconds: float) -> str:
     return str(datetime.timedelta(seconds=round(seconds)))
 
 
-def progress_bar(enabled: bool, start: int, total: int, desc: str):
+def progress_bar(enabled: bool, start: int, total: int, desc: str, unit: str = "step"):
     """A tqdm bar on process 0 when `enabled` and a terminal watches (stderr is a TTY), else
     None: a captured log gets the plain log lines alone, not a bar's carriage-return redraws."""
     if not enabled or jax.process_index() != 0 or not _is_tty(sys.stderr):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=start, desc=desc, unit=unit, dynamic_ncols=True)
 
 
 class Progress:
@@ -137,11 +137,7 @@ class Progress:
         self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
         self.enabled, self.n, self.start_n = enabled, initial, initial
         self.t0 = self._last = time.perf_counter()
-        self.bar = None
-        if enabled and _is_tty(sys.stderr):
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
+        self.bar = progress_bar(enabled, initial, total, desc, unit)
 
     def update(self, n: int, **postfix) -> None:
         self.n += n
@@ -185,8 +181,9 @@ class _TqdmStream:
     def write(self, text: str) -> None:
         from tqdm import tqdm
 
-        if text.rstrip("\n"):
-            tqdm.write(text.rstrip("\n"), file=sys.stderr)
+        text = text.rstrip("\n")
+        if text:
+            tqdm.write(text, file=sys.stderr)
 
     def flush(self) -> None:
         pass
