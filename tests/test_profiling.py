@@ -52,3 +52,30 @@ def test_cpu_trace_has_no_device_kernels(tmp_path):
     with pytest.raises(RuntimeError, match="no device kernel events"):
         profiling.profile(lambda: f(a), steps=2, logdir=str(tmp_path))
     assert list(tmp_path.rglob("*.xplane.pb"))  # the trace itself was written
+
+
+def test_idle_gaps_leave_out_the_host_time_between_steps():
+    us = 1e3  # ns
+    # Step 1: two overlapping kernels (0-10, 5-12), a 3 us launch gap, one kernel (15-20), a
+    # 50 us gap, one kernel (70-80). 5 ms of host time. Step 2: 0-10 then a 200 us wait.
+    t2 = 80 * us + 5e6
+    spans = [
+        (0.0, 10 * us, "a"),
+        (5 * us, 12 * us, "b"),
+        (15 * us, 20 * us, "c"),
+        (70 * us, 80 * us, "d"),
+        (t2, t2 + 10 * us, "e"),
+        (t2 + 210 * us, t2 + 220 * us, "f"),
+    ]
+    g = profiling.idle_gaps(spans, steps=2)
+    assert g["gaps_per_step"] == pytest.approx(1.5)  # 3 us, 50 us, 200 us
+    assert g["idle_ms_per_step"] == pytest.approx((3 + 50 + 200) * 1e-3 / 2)
+    assert g["busy_ms_per_step"] == pytest.approx((12 + 5 + 10 + 10 + 10) * 1e-3 / 2)
+    assert g["span_ms_per_step"] == pytest.approx((80 + 220) * 1e-3 / 2)
+    assert g["idle_ms_per_step_by_gap"] == pytest.approx(
+        {"<10us": 0.0015, "<100us": 0.025, "longer": 0.1}
+    )
+    assert g["longest_gaps"][0] == {"us": 200.0, "after": "e", "before": "f"}
+    assert g["longest_gaps"][-1] == {"us": 3.0, "after": "b", "before": "c"}
+    with pytest.raises(ValueError, match="steps"):
+        profiling.idle_gaps(spans, steps=0)

@@ -207,27 +207,31 @@ def test_group_norm_equals_torch_and_the_grouped_form():
     np.testing.assert_allclose(got, grouped, rtol=1e-5, atol=2e-5)
 
 
-def test_group_norm_written_backward_candidate():
-    """launch/bench/groupnorm_probe.py's `group_norm_vjp` (a candidate, timed by the probe) has
-    the gradients of model.group_norm in float32: x, weight and bias."""
-    import importlib.util
-    import pathlib
-
+def test_group_norm_written_backward(monkeypatch):
+    """`model.group_norm_vjp` (the written backward, model.GROUP_NORM_BACKWARD="written") has
+    the values and gradients of model.group_norm in float32: x, weight and bias; and the model's
+    GroupNorm layer takes it when switched."""
     from vavae_jax import model
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "launch/bench/groupnorm_probe.py"
-    spec = importlib.util.spec_from_file_location("groupnorm_probe", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
     rng = np.random.default_rng(1)
     x = jnp.asarray((rng.standard_normal((2, 6, 5, 64)) * 0.7 - 1.5).astype(np.float32))
     w = jnp.asarray(rng.uniform(0.5, 1.5, 64).astype(np.float32))
     b = jnp.asarray(rng.uniform(-0.2, 0.2, 64).astype(np.float32))
     ct = jnp.asarray(rng.standard_normal(x.shape).astype(np.float32))
     want_y = model.group_norm(x, w, b, 32, 1e-6)
-    got_y = probe.group_norm_vjp(x, w, b, 32, 1e-6)
+    got_y = model.group_norm_vjp(x, w, b, 32, 1e-6)
     np.testing.assert_allclose(got_y, want_y, rtol=1e-6, atol=1e-6)
     want = jax.grad(lambda *a: jnp.sum(model.group_norm(*a, 32, 1e-6) * ct), (0, 1, 2))(x, w, b)
-    got = jax.grad(lambda *a: jnp.sum(probe.group_norm_vjp(*a, 32, 1e-6) * ct), (0, 1, 2))(x, w, b)
+    got = jax.grad(lambda *a: jnp.sum(model.group_norm_vjp(*a, 32, 1e-6) * ct), (0, 1, 2))(x, w, b)
     for g, e, name in zip(got, want, ("dx", "dweight", "dbias"), strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5, err_msg=name)
+
+    layer = model.GroupNorm(64, rngs=nnx.Rngs(0))
+    jaxpr = {}
+    for form in ("autodiff", "written"):
+        monkeypatch.setattr(model, "GROUP_NORM_BACKWARD", form)
+        jaxpr[form] = str(jax.make_jaxpr(lambda x: layer(x))(x))  # a new function: no trace cache
+    assert "custom_vjp" in jaxpr["written"] and "custom_vjp" not in jaxpr["autodiff"]
+    monkeypatch.setattr(model, "GROUP_NORM_BACKWARD", "fused")
+    with pytest.raises(ValueError, match="GROUP_NORM_BACKWARD='fused'"):
+        layer(x)

@@ -9,6 +9,7 @@ Module and attribute names follow the reference so that checkpoint conversion ma
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -134,6 +135,50 @@ def group_norm(x, weight, bias, num_groups: int, eps: float):
     return constrain_batch(out.astype(x.dtype))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm_vjp(x, weight, bias, num_groups: int, eps: float):
+    """`group_norm` with a written backward: the four sums it needs (dbias, dweight and the two
+    group sums of dx) read the cotangent and x once, as one multi-output reduction, where
+    autodiff of the two-pass statistics reads them in several passes."""
+    return _group_norm_fwd(x, weight, bias, num_groups, eps)[0]
+
+
+def _group_norm_fwd(x, weight, bias, num_groups, eps):
+    _, h, w, c = x.shape
+    n = h * w * (c // num_groups)
+    x32 = constrain_batch(x.astype(jnp.float32))
+    mean = group_sums(x32.sum(axis=(1, 2)), num_groups) / n
+    d = x32 - mean
+    rstd = jax.lax.rsqrt(group_sums(jnp.square(d).sum(axis=(1, 2)), num_groups) / n + eps)
+    out = constrain_batch((d * (rstd * weight) + bias).astype(x.dtype))
+    return out, (x, weight, mean, rstd)
+
+
+def _group_norm_bwd(num_groups, eps, res, g):
+    x, weight, mean, rstd = res
+    _, h, w, c = x.shape
+    n = h * w * (c // num_groups)
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    g32 = g.astype(jnp.float32)
+    sum_g = g32.sum(axis=(1, 2))  # [B, C]
+    sum_gx = (g32 * xhat).sum(axis=(1, 2))
+    a = group_sums(sum_g * weight, num_groups) / n
+    b = group_sums(sum_gx * weight, num_groups) / n
+    dx = constrain_batch((rstd * (g32 * weight - a - xhat * b)).astype(x.dtype))
+    return dx, sum_gx.sum(0), sum_g.sum(0)
+
+
+group_norm_vjp.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+# Which GroupNorm the model's layers use: "autodiff" (`group_norm`) or "written"
+# (`group_norm_vjp`); read when a step is traced. A switch for the benchmark's A/B
+# (launch/bench/benchmark.py --vae_variants=default,gn_written). Run 39 (H200, b32): the written
+# form cut the step's kernel time by 1.9 ms (reductions 47.6 -> 38.7 ms) but its wall was 4.2 ms
+# longer, one measurement each, with host time before the first kernel that differed by 6 ms
+# between the two programs; the default stays until a repeated A/B decides.
+GROUP_NORM_BACKWARD = "autodiff"
+
+
 class GroupNorm(nnx.Module):
     """torch.nn.GroupNorm(32, C, eps=1e-6): statistics in float32 with the two-pass variance."""
 
@@ -147,7 +192,13 @@ class GroupNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((num_channels,), jnp.float32))
 
     def __call__(self, x):  # [B, H, W, C]
-        return group_norm(x, self.weight[...], self.bias[...], self.num_groups, self.eps)
+        fn = {"autodiff": group_norm, "written": group_norm_vjp}.get(GROUP_NORM_BACKWARD)
+        if fn is None:
+            raise ValueError(
+                f"model.GROUP_NORM_BACKWARD={GROUP_NORM_BACKWARD!r}: expected 'autodiff' or "
+                "'written'"
+            )
+        return fn(x, self.weight[...], self.bias[...], self.num_groups, self.eps)
 
 
 class ResnetBlock(nnx.Module):

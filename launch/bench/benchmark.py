@@ -209,6 +209,19 @@ def _vavae_config():
     )
 
 
+# --vae_variants: name -> (model.GROUP_NORM_BACKWARD, XLA compiler options, what it is).
+VAE_VARIANTS = {
+    "default": ("autodiff", {}, "the model as shipped"),
+    "gn_written": ("written", {}, "GroupNorm's written backward, model.group_norm_vjp"),
+    "no_command_buffer": (
+        "autodiff",
+        {"xla_gpu_enable_command_buffer": ""},
+        "XLA's command buffers (CUDA graphs) off: is the host time before the first kernel "
+        "their update?",
+    ),
+}
+
+
 def bench_vae_train(args, peak):
     """The full VA-VAE step: autoencoder + LPIPS + PatchGAN + DINOv2-large teacher, both
     optimizers, both adaptive weights (random weights; bf16 compute, f32 parameters)."""
@@ -219,6 +232,7 @@ def bench_vae_train(args, peak):
     from vavae_jax import discriminator as disc_lib
     from vavae_jax import foundation, losses
     from vavae_jax import lpips as lpips_lib
+    from vavae_jax import model as model_lib
     from vavae_jax.model import PRESETS
     from vavae_jax.train_step import Generator, StepConfig, frozen_state, make_train_step
 
@@ -238,7 +252,6 @@ def bench_vae_train(args, peak):
         config = _vavae_config()
         tx = optax.adam(config.optim.lr, b1=config.optim.b1, b2=config.optim.b2)
         cfg = StepConfig.from_config(config, cdt)
-        step = make_train_step(gdef, ddef, lp, teacher, tx, tx, cfg)
         frozen = frozen_state(lp, teacher)
         state = dict(
             gen=P,
@@ -255,27 +268,43 @@ def bench_vae_train(args, peak):
         hp = (loss, jnp.int32(config.loss.disc_start))  # stage_step past disc_start: GAN on
         replicate, shard_batch, n, in_mesh = data_parallel(args)
         state, frozen = replicate(state), replicate(frozen)
-        for b in [int(v) * n for v in args.vae_train_batches.split(",")]:  # per device
+        cases = [
+            (int(v) * n, variant)  # batch per device
+            for v in args.vae_train_batches.split(",")
+            for variant in args.vae_variants.split(",")
+        ]
+        for b, variant in cases:
+            if variant not in VAE_VARIANTS:
+                raise SystemExit(f"--vae_variants: {variant!r} is not one of {list(VAE_VARIANTS)}")
+            group_norm, options = VAE_VARIANTS[variant]
+            model_lib.GROUP_NORM_BACKWARD = group_norm  # read when the step below is traced
+            step = make_train_step(gdef, ddef, lp, teacher, tx, tx, cfg)  # a new trace
             x = jax.random.uniform(jax.random.key(0), (b, 256, 256, 3), jnp.float32, -1, 1)
             x = shard_batch(x)
             fn = jax.jit(in_mesh(step), donate_argnums=(0,))
             args_ = (state, frozen, {"image": x}, jax.random.key(1), *hp)
             t = time.perf_counter()
-            compiled = fn.lower(*args_).compile()
+            compiled = fn.lower(*args_).compile(compiler_options=options or None)
             compile_s = time.perf_counter() - t
-            times = []
+            times, dispatch = [], []
             st = jax.tree.map(jnp.copy, state)
             for i in range(3 + args.iters // 2):
                 t = time.perf_counter()
                 st, m = compiled(st, frozen, {"image": x}, jax.random.key(i), *hp)
+                t_back = time.perf_counter()  # the call returns once its work is enqueued
                 jax.block_until_ready(m)
                 if i >= 3:
                     times.append(time.perf_counter() - t)
+                    dispatch.append(t_back - t)
             r = dict(
                 compile_s=compile_s, median_s=statistics.median(times), min_s=min(times), flops=None
             )
             name = f"vae_train_{dtype}" + (f"_x{n}dev" if n > 1 else "")
-            record(name, b, r, peak, loss=float(m["train/total_loss"]), num_devices=n)
+            name += "" if variant == "default" else f"_{variant}"
+            extra = dict(
+                dispatch_ms=statistics.median(dispatch) * 1e3, arguments=len(jax.tree.leaves(args_))
+            )
+            record(name, b, r, peak, loss=float(m["train/total_loss"]), num_devices=n, **extra)
             holder = {"st": st}
             call_args = (frozen, {"image": x}, jax.random.key(0), *hp)
 
@@ -507,6 +536,12 @@ def main():
     p.add_argument("--vae_dtypes", default="bfloat16,float32")
     p.add_argument("--vae_train_dtypes", default="bfloat16")
     p.add_argument("--vae_train_batches", default="8,32")
+    p.add_argument(
+        "--vae_variants",
+        default="default",
+        help="vae_train: forms of the step to time, comma-separated: "
+        + ", ".join(f"{k} ({v[2]})" for k, v in VAE_VARIANTS.items()),
+    )
     p.add_argument(
         "--dit_train",
         default="XL/1,64,bfloat16,none;B/1,256,bfloat16,none",

@@ -22,6 +22,19 @@ subprocess with a time limit (a direct float8 `jnp.dot` was once seen compiling 
   bwd_e5m2    float8_e5m2 (a gradient) x float8_e4m3fn (a weight): the backward's data GEMM.
   *_at0       the same with `--xla_gpu_autotune_level=0` (XLA's GEMM autotuning took 4.5-49 s per
               FP8 shape in run 36: what does skipping it cost in speed?).
+  *_nt        the same with XLA's Triton GEMMs off (`--xla_gpu_enable_triton_gemm=false`, a flag
+              NVIDIA's native-FP8 guide for JAX names as needed; the other one it names,
+              `--xla_gpu_enable_reduction_epilogue_fusion`, no longer exists): run 38 saw the
+              scaled pattern stay a bf16 GEMM, which a Triton GEMM fusion that takes the upcasts
+              in would explain.
+  scaled_fused  scaled followed by bias + SiLU (can the bias go into cuBLASLt's epilogue?).
+  scaled_bwd  scaled with a float8_e5m2 activation (a gradient) x float8_e4m3fn weight.
+  scaled_qx   scaled with the activation quantised inside by a given scale (delayed scaling:
+              x / scale, clipped, converted): what a sampling or training forward pays per call.
+  scaled*_hi  the scaled forms with the product at `precision=HIGHEST`: XLA's FP8 GEMM rewriter
+              was reported (a public FP8 journal of another JAX project, jax 0.10 on an H100) to
+              take the upcast-and-scale pattern only at HIGHEST, folding both scales into the
+              cuBLASLt call (bf16 output, no pass over it).
 
 For each: the median time of 8 independent products per call over `--iters` calls, the TFLOP/s,
 the error against float32, and whether the compiled HLO holds a cuBLASLt FP8 custom call
@@ -36,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -48,15 +62,18 @@ SHAPES = [
     ("swiglu_in", 16384, 1152, 6144),
     ("swiglu_out", 16384, 3072, 1152),
 ]
+SCALED = ["scaled", "scaled_tn", "scaled_fused", "scaled_bwd", "scaled_qx"]
 BASE_VARIANTS = [
-    "bf16", "direct", "direct_tn", "direct_qx", "scaled", "scaled_tn", "qdq", "qdq_noexcess",
-    "bwd_e5m2", "bf16_fused", "direct_fused",
+    "bf16", "direct", "direct_tn", "direct_qx", "qdq", "qdq_noexcess", "bwd_e5m2", "bf16_fused",
+    "direct_fused", *SCALED, *(f"{v}_hi" for v in SCALED),
 ]  # fmt: skip
-VARIANTS = BASE_VARIANTS + ["bf16_at0", "direct_at0", "direct_qx_at0", "bwd_e5m2_at0"]
 EXTRA_FLAGS = {
     "noexcess": "--xla_allow_excess_precision=false",
     "at0": "--xla_gpu_autotune_level=0",
+    "nt": "--xla_gpu_enable_triton_gemm=false",
 }
+VARIANTS = BASE_VARIANTS + ["bf16_at0", "direct_at0", "direct_qx_at0", "bwd_e5m2_at0"]
+VARIANTS += [f"{v}_nt" for v in BASE_VARIANTS if v not in ("qdq_noexcess",)]
 COPIES = 8  # independent products per call: amortises the launch
 
 
@@ -78,6 +95,8 @@ def _case(variant: str, iters: int, m_div: int, profile: bool = False) -> dict:
     from jax import lax
 
     e4, e5, bf = jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.bfloat16
+    variant, hi = variant.removesuffix("_hi"), variant.endswith("_hi")
+    precision = lax.Precision.HIGHEST if hi else None
     dn = (((1,), (0,)), ((), ()))
 
     def scale_of(a, dtype):
@@ -136,6 +155,27 @@ def _case(variant: str, iters: int, m_div: int, profile: bool = False) -> dict:
                     for i in range(COPIES)
                 ]
 
+        elif variant in ("scaled_fused", "scaled_bwd", "scaled_qx"):
+            xdt = e5 if variant == "scaled_bwd" else e4
+            sx, sw = scale_of(x, xdt), scale_of(ws, e4)
+            wq = quant(ws, sw, e4)
+            if variant == "scaled_qx":
+                args = (x.astype(bf), wq, sx, sw, bias.astype(bf))
+            else:
+                args = (quant(x, sx, xdt), wq, sx, sw, bias.astype(bf))
+
+            def f(xa, wq, sx, sw, bias, variant=variant, xdt=xdt):
+                if variant == "scaled_qx":  # delayed scaling: the scale is given, no amax pass
+                    lim = float(jnp.finfo(xdt).max)
+                    xa = jnp.clip(xa.astype(jnp.float32) / sx, -lim, lim).astype(xdt)
+                xd = xa.astype(bf) * sx.astype(bf)
+                outs = []
+                for i in range(COPIES):
+                    wd = wq[i].astype(bf) * sw.astype(bf)
+                    y = jnp.dot(xd, wd, precision=precision, preferred_element_type=bf)
+                    outs.append(jax.nn.silu(y + bias) if variant == "scaled_fused" else y)
+                return outs
+
         elif variant in ("scaled", "scaled_tn"):
             # float8 parameters, each upcast and multiplied by its scale inside the product: the
             # pattern XLA's GEMM rewriter folds into one cuBLASLt FP8 call with its scales (no
@@ -151,7 +191,7 @@ def _case(variant: str, iters: int, m_div: int, profile: bool = False) -> dict:
                 xd = xq.astype(bf) * sx.astype(bf)
                 return [
                     lax.dot_general(xd, wq[i].astype(bf) * sw.astype(bf), dims,
-                                    preferred_element_type=bf)
+                                    precision=precision, preferred_element_type=bf)
                     for i in range(COPIES)
                 ]  # fmt: skip
 
@@ -213,6 +253,7 @@ def _case(variant: str, iters: int, m_div: int, profile: bool = False) -> dict:
             rel_err_vs_f32=rel,
             fp8_cublaslt="__cublas$lt$matmul$f8" in hlo,
             fp8_in_hlo="f8e4m3fn" in hlo or "f8e5m2" in hlo,
+            cublaslt_epilogues=sorted(set(re.findall(r'"epilogue":"(\w+)"', hlo))),
             **kernels,
         )
         print(variant, name, json.dumps(out[name]), flush=True)
@@ -258,8 +299,8 @@ def main() -> None:
             results[v] = dict(error=f"timed out after {args.timeout} s", partial=partial[-2000:])
         results[v]["wall_s"] = time.perf_counter() - t0
         print(v, json.dumps(results[v])[:600], flush=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+        with open(args.out, "w") as f:  # after each variant: a time limit keeps what ran
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """GroupNorm + SiLU, forward and backward, at the VA-VAE's activation shapes: the grouped 5-D
 reduction (the form of earlier versions) against the per-channel-first one the model uses now,
-and that form with a written backward (`group_norm_vjp`, a candidate: not in the model).
+and that form with a written backward (`model.group_norm_vjp`, a candidate the model uses
+with `model.GROUP_NORM_BACKWARD = "written"`).
 
   python launch/bench/groupnorm_probe.py --batch=32 --out=groupnorm_probe.json
 
@@ -27,44 +28,10 @@ from vavae_jax import model
 SHAPES = [(256, 256, 128), (128, 128, 256), (128, 128, 128), (64, 64, 256), (32, 32, 512)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def group_norm_vjp(x, weight, bias, num_groups, eps):
-    """The per-channel form with a written backward: the four sums it needs (dbias, dweight and
-    the two group sums of dx) read the cotangent and x once, as one multi-output reduction,
-    instead of what autodiff makes of the forward's two-pass statistics."""
-    return _gn_fwd(x, weight, bias, num_groups, eps)[0]
-
-
-def _gn_fwd(x, weight, bias, num_groups, eps):
-    b, h, w, c = x.shape
-    n = h * w * (c // num_groups)
-    x32 = x.astype(jnp.float32)
-    mean = model.group_sums(x32.sum(axis=(1, 2)), num_groups) / n
-    d = x32 - mean
-    rstd = jax.lax.rsqrt(model.group_sums(jnp.square(d).sum(axis=(1, 2)), num_groups) / n + eps)
-    out = (d * (rstd * weight) + bias).astype(x.dtype)
-    return out, (x, weight, mean, rstd)
-
-
-def _gn_bwd(num_groups, eps, res, g):
-    x, weight, mean, rstd = res
-    b, h, w, c = x.shape
-    n = h * w * (c // num_groups)
-    xhat = (x.astype(jnp.float32) - mean) * rstd
-    g32 = g.astype(jnp.float32)
-    sum_g = g32.sum(axis=(1, 2))  # [B, C]
-    sum_gx = (g32 * xhat).sum(axis=(1, 2))
-    a = model.group_sums(sum_g * weight, num_groups) / n
-    bb = model.group_sums(sum_gx * weight, num_groups) / n
-    dx = rstd * (g32 * weight - a - xhat * bb)
-    return dx.astype(x.dtype), sum_gx.sum(0), sum_g.sum(0)
-
-
-group_norm_vjp.defvjp(_gn_fwd, _gn_bwd)
 FORMS = {
     "grouped": model.group_norm_grouped,
     "per_channel": model.group_norm,
-    "per_channel_vjp": group_norm_vjp,
+    "per_channel_vjp": model.group_norm_vjp,
 }
 
 

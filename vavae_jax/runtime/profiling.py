@@ -79,8 +79,59 @@ def summarize_events(events: Iterable[tuple[str, float, str | None]], steps: int
     )
 
 
-def device_events(xplane_path: str) -> tuple[list[tuple[str, float, str | None]], list[str]]:
-    """Kernel events of every device plane of an `.xplane.pb` and the names of those planes."""
+GAP_BUCKETS_US = (10.0, 100.0)  # idle gaps: launch-sized, short, long (host waits, syncs)
+
+
+def idle_gaps(spans: Iterable[tuple[float, float, str]], steps: int, top: int = 10) -> dict:
+    """(start ns, end ns, kernel name) of every kernel of one device over `steps` profiled steps
+    -> where the device sat idle inside them. The kernels' union is walked in time order; the
+    `steps - 1` longest gaps are the host's time between two steps (each one is blocked on) and
+    are left out. Per step: the span from the first kernel to the last, the busy and idle time,
+    the number of gaps and the idle time by gap length, and the longest gaps with the kernels on
+    either side (a long gap before one kernel is a host wait or a sync, many short ones are
+    launch latency)."""
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
+    spans = sorted(spans)
+    if not spans:
+        raise ValueError("idle_gaps: no kernel spans")
+    merged: list[list] = []  # [start, end, first name, last name]
+    for start, end, name in spans:
+        if merged and start <= merged[-1][1]:
+            if end > merged[-1][1]:
+                merged[-1][1], merged[-1][3] = end, name
+        else:
+            merged.append([start, end, name, name])
+    gaps = [(nxt[0] - cur[1], cur[3], nxt[2]) for cur, nxt in zip(merged, merged[1:], strict=False)]
+    by_length = sorted(gaps, key=lambda g: -g[0])
+    between, inside = by_length[: steps - 1], by_length[steps - 1 :]
+    ms = 1e-6 / steps
+    buckets = {f"<{GAP_BUCKETS_US[0]:g}us": 0.0, f"<{GAP_BUCKETS_US[1]:g}us": 0.0, "longer": 0.0}
+    for dur, _, _ in inside:
+        us = dur / 1e3
+        key = next(
+            (k for k, lim in zip(buckets, GAP_BUCKETS_US, strict=False) if us < lim), "longer"
+        )
+        buckets[key] += dur * ms
+    busy = sum(end - start for start, end, _, _ in merged)
+    return dict(
+        span_ms_per_step=(merged[-1][1] - merged[0][0] - sum(g[0] for g in between)) * ms,
+        busy_ms_per_step=busy * ms,
+        idle_ms_per_step=sum(g[0] for g in inside) * ms,
+        gaps_per_step=len(inside) / steps,
+        idle_ms_per_step_by_gap=buckets,
+        longest_gaps=[
+            dict(us=dur / 1e3, after=a[:100], before=b[:100]) for dur, a, b in inside[:top]
+        ],
+    )
+
+
+def device_events(
+    xplane_path: str, spans: list | None = None
+) -> tuple[list[tuple[str, float, str | None]], list[str]]:
+    """Kernel events of every device plane of an `.xplane.pb` and the names of those planes.
+    With `spans` (a list), also appends (start ns, end ns, name) of each kernel of the first
+    device plane to it, for `idle_gaps`."""
     data = jax.profiler.ProfileData.from_file(xplane_path)
     events, planes = [], []
     for plane in data.planes:
@@ -96,6 +147,8 @@ def device_events(xplane_path: str) -> tuple[list[tuple[str, float, str | None]]
                 stats = dict(e.stats)
                 op = stats.get("hlo_op") or stats.get("long_name")
                 events.append((e.name, float(e.duration_ns), str(op) if op else None))
+                if spans is not None and len(planes) == 1:
+                    spans.append((float(e.start_ns), float(e.end_ns), e.name))
     return events, planes
 
 
@@ -109,7 +162,8 @@ def profile(fn: Callable[[], Any], steps: int, logdir: str) -> dict[str, Any]:
     paths = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True))
     if not paths:
         raise FileNotFoundError(f"jax.profiler wrote no .xplane.pb under {logdir}")
-    events, planes = device_events(max(paths, key=os.path.getmtime))
+    spans: list = []
+    events, planes = device_events(max(paths, key=os.path.getmtime), spans)
     if not events:
         raise RuntimeError(
             f"the trace in {logdir} has no device kernel events (device planes: {planes or None});"
@@ -117,11 +171,19 @@ def profile(fn: Callable[[], Any], steps: int, logdir: str) -> dict[str, Any]:
         )
     summary = summarize_events(events, steps)
     summary["device_planes"] = planes
+    summary["timeline"] = idle_gaps(spans, steps)
     return summary
 
 
 def format_summary(summary: dict[str, Any], top: int = 25) -> str:
     lines = [f"  device kernel time: {summary['kernel_ms_per_step']:.2f} ms/step"]
+    if tl := summary.get("timeline"):
+        by_gap = ", ".join(f"{k} {v:.2f}" for k, v in tl["idle_ms_per_step_by_gap"].items())
+        lines.append(
+            f"  first kernel to last: {tl['span_ms_per_step']:.2f} ms/step, busy "
+            f"{tl['busy_ms_per_step']:.2f}, idle {tl['idle_ms_per_step']:.2f} in "
+            f"{tl['gaps_per_step']:.0f} gaps (ms by gap length: {by_gap})"
+        )
     for cat, ms in summary["by_category_ms"].items():
         share = ms / summary["kernel_ms_per_step"] if summary["kernel_ms_per_step"] else 0.0
         lines.append(f"    {cat:<12} {ms:8.2f} ms  {share:6.1%}")
