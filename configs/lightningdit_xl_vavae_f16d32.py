@@ -68,6 +68,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # "auto": cuDNN's flash kernel on GPU in bf16 (+31% on the XL/1 step), XLA elsewhere;
             # "cudnn"; "xla" (materialises the scores).
             attention_impl="auto",
+            # "default": matmuls in the compute dtype; "fp8": the blocks' linear layers multiply
+            # float8 operands (lightningdit_jax/fp8.py; GPUs with FP8 tensor cores: Ada, Hopper,
+            # Blackwell; an error elsewhere); "fp8_emulated": the same rounding on any backend.
+            precision="default",
         )
     )
     c.dtype = "auto"  # compute dtype: bfloat16 on GPU/TPU, float32 on CPU; parameters float32

@@ -25,6 +25,9 @@ images in Python).
 
 from __future__ import annotations
 
+import json
+import os
+
 from absl import app, flags
 
 from lightningdit_jax import pipeline, sampling
@@ -69,6 +72,13 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "dtype", "", "Compute dtype override (float32, bfloat16). Default: configs'."
     )
+    flags.DEFINE_enum(
+        "precision",
+        None,
+        ["default", "fp8", "fp8_emulated"],
+        "The model's matmuls: default (in the compute dtype) or fp8 (the blocks' products in "
+        "float8, weights quantised once; GPUs with FP8 tensor cores). Default: the run's config.",
+    )
     flags.DEFINE_bool("keep_chunks", False, "Keep chunk_*.npz after the merge.")
     flags.DEFINE_bool("grid_only", False, "Only write a demo grid PNG of --classes.")
     flags.DEFINE_list("classes", [str(c) for c in DEMO_CLASSES], "Classes of the demo grid.")
@@ -78,12 +88,27 @@ def define_flags() -> None:
     )
 
 
+def _run_precision() -> str:
+    """--precision, else the run's model.precision from its config.json ("default" if absent)."""
+    if _FLAGS.precision or not _FLAGS.workdir:
+        return _FLAGS.precision or "default"
+    from vavae_jax.runtime import checkpoint as ckpt_lib
+
+    path = ckpt_lib.as_path(_FLAGS.workdir) / "config.json"  # local or gs://
+    if not path.exists():
+        return "default"  # pipeline.open_run says what is missing
+    return json.loads(path.read_text()).get("model", {}).get("precision", "default")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from lightningdit_jax import fp8
     from vavae_jax.runtime import distributed
     from vavae_jax.runtime.logging import setup_python_logging
 
+    # Before JAX starts its backend, which reads XLA_FLAGS once.
+    os.environ["XLA_FLAGS"] = fp8.xla_flags(os.environ.get("XLA_FLAGS", ""), _run_precision())
     setup_python_logging()
     distributed.initialize("auto")
     if not _FLAGS.workdir or not _FLAGS.out:
@@ -97,7 +122,11 @@ def main(argv):
         cfg_channels=_FLAGS.cfg_channels,
     )
     common = dict(
-        seed=_FLAGS.seed, tokenizer=_FLAGS.tokenizer, step=_FLAGS.step, dtype=_FLAGS.dtype or None
+        seed=_FLAGS.seed,
+        tokenizer=_FLAGS.tokenizer,
+        step=_FLAGS.step,
+        dtype=_FLAGS.dtype or None,
+        precision=_FLAGS.precision,
     )
     if _FLAGS.grid_only:
         try:

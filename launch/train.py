@@ -56,9 +56,14 @@ def default_workdir(config_arg: str) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from lightningdit_jax import fp8
     from vavae_jax.runtime import distributed
 
-    os.environ["XLA_FLAGS"] = distributed.default_xla_flags(os.environ.get("XLA_FLAGS", ""))
+    # Before JAX starts its backend, which reads XLA_FLAGS once.
+    xla_flags = distributed.default_xla_flags(os.environ.get("XLA_FLAGS", ""))
+    model = _CONFIG.value.get("model", None)
+    precision = model.get("precision", "default") if model is not None else "default"
+    os.environ["XLA_FLAGS"] = fp8.xla_flags(xla_flags, precision)
     from vavae_jax.runtime.logging import setup_python_logging
 
     setup_python_logging()

@@ -6,8 +6,9 @@
     loss, terms = ldit.training_loss(model, x1, y, rng)   # rectified flow: MSE + cosine
     z1 = ldit.sample_ode(model, z0, y, num_steps=250, timestep_shift=0.3, cfg_scale=6.7)
 
-The trainer (`lightningdit_jax.train`), latent shards (`lightningdit_jax.data`) and latent
-extraction (`lightningdit_jax.pipeline`) are imported from their modules.
+The trainer (`lightningdit_jax.train`), latent shards (`lightningdit_jax.data`), latent
+extraction (`lightningdit_jax.pipeline`) and the FP8 products (`lightningdit_jax.fp8`, switched
+on by `LightningDiTConfig(precision="fp8")`) are imported from their modules.
 """
 
 from lightningdit_jax.convert import load_converted

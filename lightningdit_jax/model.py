@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from lightningdit_jax import fp8
 from lightningdit_jax.kernels import apply_rope, dense, rms_modulate, split_rope, swiglu
 from vavae_jax.runtime import attention
 from vavae_jax.runtime import sharding as _sharding
@@ -64,7 +65,9 @@ class LightningDiTConfig:
     applies them one after the other in a Python loop (one copy of the block in the program per
     layer: longer compiles, but no stacking of the saved activations across layers).
     `attention_impl`: "auto" (cuDNN flash attention on GPU in bf16/fp16, else XLA), "xla",
-    "cudnn").
+    "cudnn"). `precision`: "default" (the matmuls in `dtype`), "fp8" (the blocks' linear layers
+    multiply float8 operands, `lightningdit_jax.fp8`; GPUs with FP8 tensor cores only) or
+    "fp8_emulated" (the same float8 rounding on any backend, without the speed: tests, checks).
     """
 
     input_size: int = 32
@@ -87,6 +90,7 @@ class LightningDiTConfig:
     scan_unroll: int = 1
     scan_layers: bool = True
     attention_impl: str | None = "auto"
+    precision: str = "default"
 
     def __post_init__(self):
         problems = []
@@ -116,6 +120,8 @@ class LightningDiTConfig:
             )
         if not 0.0 <= self.class_dropout_prob < 1.0:
             problems.append(f"class_dropout_prob={self.class_dropout_prob} must be in [0, 1)")
+        if self.precision not in fp8.PRECISIONS:
+            problems.append(f"precision={self.precision!r}: expected one of {list(fp8.PRECISIONS)}")
         if self.depth < 1 or self.scan_unroll < 1:
             problems.append(f"depth={self.depth} and scan_unroll={self.scan_unroll} must be >= 1")
         if problems:
@@ -144,6 +150,12 @@ class LightningDiTConfig:
         return self.remat_policy == "none"
 
     @property
+    def fp8(self) -> bool:
+        """Whether the blocks' linear layers multiply in float8 (`precision` "fp8" or
+        "fp8_emulated")."""
+        return self.precision != "default"
+
+    @property
     def null_label(self) -> int:
         """The label of the unconditional embedding (exists when class_dropout_prob > 0)."""
         return self.num_classes
@@ -161,13 +173,19 @@ class Buffer(nnx.Variable):
 
 class Dense(nnx.Linear):
     """torch's nn.Linear as nnx.Linear (same parameters, names and forward); with `custom_grad`
-    its product goes through `kernels.dense` (kernel gradient written [in, out])."""
+    its product goes through `kernels.dense` (kernel gradient written [in, out]); with `fp8`
+    through `fp8.dense` (float8 operands; the kernel may be an `fp8.Fp8Weight`)."""
 
-    def __init__(self, *args, custom_grad: bool = False, **kwargs):
+    def __init__(self, *args, custom_grad: bool = False, fp8: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.custom_grad = custom_grad
+        self.fp8 = fp8
 
     def __call__(self, inputs, out_sharding=None):
+        if self.fp8:
+            x = inputs.astype(self.dtype) if self.dtype is not None else inputs
+            bias = self.bias[...] if self.bias is not None else None
+            return fp8.dense(x, self.kernel[...], bias)
         if (
             not self.custom_grad
             or self.bias is None
@@ -191,6 +209,7 @@ def _dense(
     init=None,
     bias: bool = True,
     custom_grad: bool = False,
+    fp8: bool = False,
 ) -> Dense:
     """nn.Linear with the reference's `_basic_init` (xavier-uniform weight, zero bias)."""
     init = init or nnx.initializers.xavier_uniform()
@@ -198,6 +217,7 @@ def _dense(
         cin,
         cout,
         custom_grad=custom_grad,
+        fp8=fp8,
         use_bias=bias,
         dtype=dtype,
         param_dtype=jnp.float32,
@@ -259,9 +279,12 @@ class PatchEmbed(nnx.Module):
 class Mlp(nnx.Module):
     """timm Mlp with GELU (tanh approximation)."""
 
-    def __init__(self, dim: int, hidden: int, rngs: nnx.Rngs, dtype, custom_grad: bool = False):
-        self.fc1 = _dense(dim, hidden, rngs, dtype, ("embed", "mlp"), custom_grad=custom_grad)
-        self.fc2 = _dense(hidden, dim, rngs, dtype, ("mlp", "embed"), custom_grad=custom_grad)
+    def __init__(
+        self, dim: int, hidden: int, rngs: nnx.Rngs, dtype, custom_grad: bool = False, fp8=False
+    ):
+        kw = dict(custom_grad=custom_grad, fp8=fp8)
+        self.fc1 = _dense(dim, hidden, rngs, dtype, ("embed", "mlp"), **kw)
+        self.fc2 = _dense(hidden, dim, rngs, dtype, ("mlp", "embed"), **kw)
 
     def __call__(self, x):
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
@@ -270,9 +293,12 @@ class Mlp(nnx.Module):
 class SwiGLUFFN(nnx.Module):
     """Reference models/swiglu_ffn.py: w12 -> (silu(x1) * x2) -> w3."""
 
-    def __init__(self, dim: int, hidden: int, rngs: nnx.Rngs, dtype, custom_grad: bool = False):
-        self.w12 = _dense(dim, 2 * hidden, rngs, dtype, ("embed", "mlp"), custom_grad=custom_grad)
-        self.w3 = _dense(hidden, dim, rngs, dtype, ("mlp", "embed"), custom_grad=custom_grad)
+    def __init__(
+        self, dim: int, hidden: int, rngs: nnx.Rngs, dtype, custom_grad: bool = False, fp8=False
+    ):
+        kw = dict(custom_grad=custom_grad, fp8=fp8)
+        self.w12 = _dense(dim, 2 * hidden, rngs, dtype, ("embed", "mlp"), **kw)
+        self.w3 = _dense(hidden, dim, rngs, dtype, ("mlp", "embed"), **kw)
 
     def __call__(self, x):
         h = swiglu(_sharding.constrain_batch(self.w12(x)))
@@ -337,7 +363,8 @@ class Attention(nnx.Module):
         self.head_dim = config.head_dim
         self.implementation = config.attention_impl
         fast = config.dense_custom_grad
-        self.qkv = _dense(d, 3 * d, rngs, dtype, ("embed", "heads"), custom_grad=fast)
+        kw = dict(custom_grad=fast, fp8=config.fp8)
+        self.qkv = _dense(d, 3 * d, rngs, dtype, ("embed", "heads"), **kw)
         if config.use_qknorm:
             if config.use_rmsnorm:
                 self.q_norm = RMSNorm(self.head_dim, axis_name=None)
@@ -347,7 +374,7 @@ class Attention(nnx.Module):
                 self.k_norm = LayerNorm(self.head_dim, 1e-5, True, axis_name=None)
         else:
             self.q_norm = self.k_norm = None
-        self.proj = _dense(d, d, rngs, dtype, ("heads", "embed"), custom_grad=fast)
+        self.proj = _dense(d, d, rngs, dtype, ("heads", "embed"), **kw)
 
     def __call__(self, x, rope=None):  # [B, T, D]
         b, t, d = x.shape
@@ -441,9 +468,9 @@ class LightningDiTBlock(nnx.Module):
         fast = config.dense_custom_grad
         mlp_hidden = int(d * config.mlp_ratio)
         if config.use_swiglu:
-            self.mlp = SwiGLUFFN(d, int(2 / 3 * mlp_hidden), rngs, dtype, fast)
+            self.mlp = SwiGLUFFN(d, int(2 / 3 * mlp_hidden), rngs, dtype, fast, config.fp8)
         else:
-            self.mlp = Mlp(d, mlp_hidden, rngs, dtype, fast)
+            self.mlp = Mlp(d, mlp_hidden, rngs, dtype, fast, config.fp8)
         n_mod = 4 if config.wo_shift else 6
         zeros = nnx.initializers.zeros_init()
         self.adaLN_modulation = _dense(
@@ -509,6 +536,7 @@ class LightningDiT(nnx.Module):
     """
 
     def __init__(self, config: LightningDiTConfig, *, rngs: nnx.Rngs):
+        fp8.check_backend(config.precision)
         self.config = config
         dtype = DTYPES[config.dtype]
         d = config.hidden_size

@@ -469,12 +469,17 @@ class Run:
     def step(self) -> int:
         return int(self.meta["step"])
 
-    def ema_model(self, mesh=None, *, dtype: str | None = None):
+    def ema_model(self, mesh=None, *, dtype: str | None = None, precision: str | None = None):
         """The EMA LightningDiT, weights sharded over `mesh` (default: every device, data
-        parallel); `dtype` overrides the run's compute dtype."""
+        parallel); `dtype` / `precision` override the run's compute dtype / model.precision."""
         mesh = sharding.make_mesh(-1, 1) if mesh is None else mesh
         model, _, _ = dit_train.load_ema_model(
-            self.workdir, mesh, dtype=dtype, config=self.config, meta=self.meta
+            self.workdir,
+            mesh,
+            dtype=dtype,
+            precision=precision,
+            config=self.config,
+            meta=self.meta,
         )
         return model
 
@@ -680,6 +685,7 @@ def load_sampler(
     tokenizer: str = "",
     step: int | None = None,
     dtype: str | None = None,
+    precision: str | None = None,
     mesh=None,
     guidance: sampling.Guidance | None = None,
     run: Run | None = None,
@@ -687,11 +693,13 @@ def load_sampler(
 ) -> Sampler:
     """The `Sampler` of a LightningDiT run: its EMA weights, the latent stats of its meta, its
     tokenizer (or `tokenizer`) and its `config.sample` guidance (or `guidance`), with the
-    overrides that are not None (num_steps=, cfg_scale=, ...). `run`: the already opened run."""
+    overrides that are not None (num_steps=, cfg_scale=, ...). `run`: the already opened run.
+    `precision`: the model's matmul precision instead of the run's ("fp8": the blocks' products
+    in float8, weights quantised once per sampler call; the tokenizer stays in `dtype`)."""
     run = open_run(workdir, step) if run is None else run
     latent_stats(run.meta)  # before any weights are read
     mesh = sharding.make_mesh(-1, 1) if mesh is None else mesh
-    model = run.ema_model(mesh, dtype=dtype)
+    model = run.ema_model(mesh, dtype=dtype, precision=precision)
     run_dtype = jnp.dtype(trainer.compute_dtype(run.config)).name
     ae = load_tokenizer(run.meta, tokenizer, dtype=dtype, run_dtype=run_dtype)
     if guidance is None:
@@ -775,6 +783,7 @@ def sample_npz(
     tokenizer: str = "",
     step: int | None = None,
     dtype: str | None = None,
+    precision: str | None = None,
     keep_chunks: bool = False,
     max_chunks: int | None = None,
     progress: bool = True,
@@ -809,6 +818,8 @@ def sample_npz(
         seed=seed,
         dtype=dtype or "",
     )
+    if precision:  # absent from settings written before 2026-12-04: those reruns still match
+        settings["precision"] = precision
     pid = jax.process_index()
     if pid == 0:
         os.makedirs(out, exist_ok=True)
@@ -818,7 +829,13 @@ def sample_npz(
         log.info("%s exists: nothing to do", final)
         return final
     sampler = load_sampler(
-        workdir, tokenizer=tokenizer, dtype=dtype, mesh=mesh, guidance=guidance, run=run
+        workdir,
+        tokenizer=tokenizer,
+        dtype=dtype,
+        precision=precision,
+        mesh=mesh,
+        guidance=guidance,
+        run=run,
     )
     log.info("sampling %d images from %s step %d: %s", num_samples, workdir, run.step, guidance)
     labels = class_balanced_labels(num_samples, sampler.mcfg.num_classes, seed)
@@ -879,13 +896,16 @@ def demo_grid(
     tokenizer: str = "",
     step: int | None = None,
     dtype: str | None = None,
+    precision: str | None = None,
     **overrides,
 ) -> str:
     """One sample per class in `classes` -> `out/grid_<step>.png` with `columns` images a row
     (the reference demo mode: 2x4 for 8 classes). `overrides`: Guidance fields."""
     if not classes:
         raise ValueError("--classes is empty: give class indices such as 975,3,207")
-    sampler = load_sampler(workdir, tokenizer=tokenizer, step=step, dtype=dtype, **overrides)
+    sampler = load_sampler(
+        workdir, tokenizer=tokenizer, step=step, dtype=dtype, precision=precision, **overrides
+    )
     images = sampler.generate(classes, seed=seed)
     rows = -(-len(images) // columns)
     h, w = images.shape[1:3]

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lightningdit_jax import fp8
 from lightningdit_jax.transport import DIFFUSION_FORMS, Transport
 
 CFG_CHANNELS = ("first3", "all")
@@ -141,6 +142,8 @@ def _prepare(model, z0, y, g: Guidance):
             f"cfg_scale={g.cfg_scale} needs the null label, but this model was built with "
             f"class_dropout_prob={cfg.class_dropout_prob} (no unconditional embedding)"
         )
+    if getattr(cfg, "fp8", False):  # FP8 blocks: kernels quantised once for all the steps
+        model = fp8.quantize_weights(model)
     graphdef, state = nnx.split(model)
     scalars = dict(
         cfg_scale=jnp.float32(g.cfg_scale), cfg_interval_start=jnp.float32(g.cfg_interval_start)

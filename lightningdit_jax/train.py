@@ -64,6 +64,7 @@ def model_config(
         scan_layers=m.get("scan_layers", True),
         attention_impl=m.attention_impl or "auto",  # "" in configs written before 2026-11-22
         dtype=trainer.compute_dtype(config, platform),
+        precision=m.get("precision", "default"),  # absent in configs before 2026-12-04
     )
     if latent_shape is not None:
         h, w, c = latent_shape
@@ -362,18 +363,22 @@ def load_ema_model(
     *,
     step: int | None = None,
     dtype: str | None = None,
+    precision: str | None = None,
     config: ml_collections.ConfigDict | None = None,
     meta: dict[str, Any] | None = None,
 ):
     """(EMA LightningDiT with sharded weights, meta, config) from a trainer workdir: one
     checkpoint manager reads the meta (unless given: then `step` is its step) and the weights.
-    `config`: the run's config.json when the caller has read it already."""
+    `config`: the run's config.json when the caller has read it already. `dtype` / `precision`
+    replace the run's compute dtype / model.precision (the weights are the same either way)."""
     path = ckpt_lib.as_path(workdir)
     if config is None:
         config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
     config = ml_collections.ConfigDict(config.to_dict())  # the dtype override stays local
     if dtype is not None:
         config.dtype = dtype
+    if precision is not None:
+        config.model.precision = precision
     ckpt = ckpt_lib.Checkpointer(path / "checkpoints", async_save=False)
     try:
         meta = _read_meta(ckpt, step) if meta is None else meta

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import pathlib
 import statistics
 import sys
@@ -329,7 +330,7 @@ def bench_membw(args) -> float:
     return rate
 
 
-def _dit_model(preset, dtype, layers="scan"):
+def _dit_model(preset, dtype, layers="scan", precision="default"):
     """(config, graphdef, params, rest) of a random-weight LightningDiT preset (inference)."""
     import dataclasses
 
@@ -338,7 +339,11 @@ def _dit_model(preset, dtype, layers="scan"):
     if layers not in ("scan", "loop"):
         raise SystemExit(f"layers={layers!r}: expected scan or loop")
     cfg = dataclasses.replace(
-        PRESETS[preset], dtype=dtype, remat_policy="none", scan_layers=layers == "scan"
+        PRESETS[preset],
+        dtype=dtype,
+        remat_policy="none",
+        scan_layers=layers == "scan",
+        precision=precision,
     )
     model = LightningDiT(cfg, rngs=nnx.Rngs(0))
     gdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -373,8 +378,9 @@ def _dit_train_case(args, peak, spec):
     from lightningdit_jax import train as dit_train
     from vavae_jax.runtime import cli, sharding
 
-    preset, b, dtype, remat, *layers = spec.split(",")
-    layers = layers[0] if layers else "scan"
+    preset, b, dtype, remat, *rest = spec.split(",")
+    layers = rest[0] if rest else "scan"
+    precision = rest[1] if len(rest) > 1 else "default"
     if layers not in ("scan", "loop"):
         raise SystemExit(f"{spec}: layers={layers!r}, expected scan or loop")
     path = pathlib.Path(__file__).resolve().parents[2] / "configs/lightningdit_xl_vavae_f16d32.py"
@@ -384,6 +390,7 @@ def _dit_train_case(args, peak, spec):
     config.dtype = dtype
     config.model.remat_policy = remat
     config.model.scan_layers = layers == "scan"
+    config.model.precision = precision
     config.mesh.num_devices = n
     mesh = sharding.mesh_from_config(config.mesh)
     mcfg = dit_train.model_config(config)
@@ -403,6 +410,7 @@ def _dit_train_case(args, peak, spec):
     compiled = ts.jit().lower(state, batch, bits[0]).compile()
     compile_s = time.perf_counter() - t
     name = f"dit_train_{preset}_{dtype}_remat-{remat}_{layers}" + (f"_x{n}dev" if n > 1 else "")
+    name += "" if precision == "default" else f"_{precision}"
     save_hlo(args, name, compiled)
     flops = xla_flops(compiled)
     times = []
@@ -443,7 +451,9 @@ def _dit_train_case(args, peak, spec):
 def bench_dit_sample(args, peak):
     """XL/1 sampling: Euler ODE, 250 steps, CFG with interval, shift 0.3 (reference settings),
     at each batch of --sample_batch."""
-    cfg, gdef, params, rest = _dit_model(args.sample_preset, args.sample_dtype, args.sample_layers)
+    cfg, gdef, params, rest = _dit_model(
+        args.sample_preset, args.sample_dtype, args.sample_layers, args.sample_precision
+    )
     for b in [int(v) for v in str(args.sample_batch).split(",")]:
         _sample_case(args, peak, cfg, gdef, params, rest, b)
 
@@ -482,7 +492,8 @@ def _sample_case(args, peak, cfg, gdef, params, rest, b: int) -> None:
         )
         name = args.sample_preset.replace("/", "")
         record(
-            f"dit_sample_{name}_{steps}steps_cfg_{args.sample_dtype}",
+            f"dit_sample_{name}_{steps}steps_cfg_{args.sample_dtype}"
+            + ("" if args.sample_precision == "default" else f"_{args.sample_precision}"),
             b,
             r,
             peak,
@@ -545,7 +556,9 @@ def main():
     p.add_argument(
         "--dit_train",
         default="XL/1,64,bfloat16,none;B/1,256,bfloat16,none",
-        help="';'-separated preset,batch,dtype,remat[,scan|loop] cases",
+        help="';'-separated preset,batch,dtype,remat[,scan|loop[,precision]] cases; precision: "
+        "default or fp8 (XLA's Triton GEMMs are then off for the whole process, as "
+        "launch/train.py sets them for fp8: time the bf16 baseline in a run without fp8 cases)",
     )
     p.add_argument(
         "--dit_forward",
@@ -573,11 +586,20 @@ def main():
     p.add_argument("--sample_steps", type=int, default=250)
     p.add_argument("--sample_dtype", default="bfloat16")
     p.add_argument("--sample_layers", default="scan", help="scan or loop (see dit_train)")
+    p.add_argument("--sample_precision", default="default", help="default or fp8 (see --dit_train)")
     p.add_argument("--out", default="benchmark.json")
     p.add_argument(
         "--save_forward_out", default="", help="path prefix: dit_forward outputs saved as .npy"
     )
     args = p.parse_args()
+    from lightningdit_jax import fp8
+
+    # An fp8 case takes the FP8 path's XLA flags (lightningdit_jax/fp8.py), set before JAX starts
+    # its backend: for every case of this process.
+    fp8_cases = args.sample_precision == "fp8" or ",fp8" in args.dit_train
+    os.environ["XLA_FLAGS"] = fp8.xla_flags(
+        os.environ.get("XLA_FLAGS", ""), "fp8" if fp8_cases else "default"
+    )
     dev = jax.devices()[0]
     print(
         f"device: {dev.device_kind} x{jax.device_count()} ({jax.default_backend()}), "
@@ -604,6 +626,7 @@ def main():
         n_devices=jax.device_count(),
         date=time.strftime("%Y-%m-%d"),
         argv=sys.argv,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
     )
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out).write_text(
