@@ -238,8 +238,27 @@ def training_loss(
     x1 = x1.astype(jnp.float32)
     x0 = jax.random.normal(k_noise, x1.shape, jnp.float32)
     t = transport.sample_t(k_t, x1.shape[0])
+    return loss_at(model, x1, x0, t, y, transport=transport, train=train, rng=k_drop)
+
+
+def loss_at(
+    model,
+    x1: jax.Array,
+    x0: jax.Array,
+    t: jax.Array,
+    y: jax.Array,
+    *,
+    transport: Transport | None = None,
+    train: bool = False,
+    rng: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`training_loss` at given noise x0 [B, H, W, C] and times t [B] (a validation loss on a
+    fixed grid and noise: the same value for every evaluation). `rng`: the label dropout's, for
+    train=True."""
+    transport = transport or Transport()
+    x1 = x1.astype(jnp.float32)
     xt, ut = transport.plan(t, x0, x1)
-    out = model(xt, t, y, train=train, rng=k_drop).astype(jnp.float32)
+    out = model(xt, t, y, train=train, rng=rng).astype(jnp.float32)
     if out.shape != xt.shape:
         raise ValueError(f"model output {out.shape} does not match its input {xt.shape}")
     terms = {}

@@ -11,7 +11,7 @@ from flax import nnx
 from lightningdit_jax import sampling
 from lightningdit_jax.convert import from_torch_state_dict
 from lightningdit_jax.sampling import cfg_model_output, sample_ode, sample_sde
-from lightningdit_jax.transport import Transport, training_loss
+from lightningdit_jax.transport import Transport, loss_at, training_loss
 from tests.test_lightningdit_model import (
     FIXTURES,
     assert_rel_close,
@@ -304,12 +304,14 @@ def test_training_loss_matches_the_reference_formula():
     class Recording(nnx.Module):
         """Records its inputs (from inside jit) and returns a fixed function of them."""
 
-        def __init__(self):
+        def __init__(self, train=True):
             self.config = ToyConfig()
             self.w = nnx.Param(jnp.linspace(-1.0, 1.0, 4))
+            self.train = train
 
         def __call__(self, x, t, y, *, train=False, rng=None):
-            assert train and rng is not None  # training mode with the label-dropout key
+            # training mode with the label-dropout key; loss_at: evaluation, no key
+            assert train == self.train and (rng is not None) == self.train
             jax.debug.callback(record, x, t)
             return x * self.w[...] + t[:, None, None, None]
 
@@ -330,6 +332,11 @@ def test_training_loss_matches_the_reference_formula():
     np.testing.assert_allclose(terms["cos"], cos.item(), rtol=1e-5)
     np.testing.assert_allclose(loss, mse.item() + cos.item(), rtol=1e-5)
     assert float(terms["loss"]) == float(loss)
+
+    # loss_at: the same loss at given noise and times (the FP8 fidelity script's validation).
+    _, at = loss_at(Recording(train=False), x1, jnp.asarray(x0), jnp.asarray(t), y)
+    for key in ("mse", "cos", "loss"):
+        np.testing.assert_allclose(at[key], terms[key], rtol=1e-4, err_msg=key)
 
 
 def test_logit_normal_and_uniform_time_sampling():
