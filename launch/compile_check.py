@@ -1,4 +1,4 @@
-"""Compiles a config's real train step for a target machine from shapes only: memory per device.
+r"""Compiles a config's real train step for a target machine from shapes only: memory per device.
 
   python launch/compile_check.py --config=configs/lightningdit_xl_vavae_f16d32.py:XL/1 \
       --topology=tpu:v5e-64 --global_batch=1024 --config.mesh.fsdp=8

@@ -1,4 +1,4 @@
-"""Converts PyTorch checkpoints into this project's formats (once; training needs no torch).
+r"""Converts PyTorch checkpoints into this project's formats (once; training needs no torch).
 
   python launch/convert.py vavae --pt=vavae-imagenet256-f16d32-dinov2.pt --out=ckpt/vavae
   python launch/convert.py lightningdit --pt=lightningdit-xl-imagenet256-800ep.pt \\

@@ -1,4 +1,4 @@
-"""Evaluates a tokenizer (PSNR, SSIM, LPIPS, rFID) or generated samples (FID, IS).
+r"""Evaluates a tokenizer (PSNR, SSIM, LPIPS, rFID) or generated samples (FID, IS).
 
 Tokenizer, as the reference's evaluate_tokenizer.py reports it: every image (center crop to
 --data.resolution, [-1, 1]) is encoded, a posterior sample decoded (--mode decodes the mean);
@@ -92,7 +92,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # force: importing orbax has already run logging.basicConfig() at WARNING (through absl),
+    # which would drop every INFO line, progress included, and keep its own format.
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True
+    )
     if bool(args.tokenizer) == bool(args.samples):
         raise ValueError("give exactly one of --tokenizer=<export or .pt> or --samples=<.npz>")
     if args.tokenizer:

@@ -1,4 +1,4 @@
-"""Encodes a dataset with a VA-VAE into latent shards + latent stats for LightningDiT training.
+r"""Encodes a dataset with a VA-VAE into latent shards + latent stats for LightningDiT training.
 
   python launch/extract_latents.py --tokenizer=runs/vavae_export --out_dir=/data/imagenet_latents \
       --source=tfds --manual_dir=/data/imagenet --batch_size=256

@@ -1,4 +1,4 @@
-"""Samples a LightningDiT run (EMA weights) and decodes with its VA-VAE: FID .npz or a demo grid.
+r"""Samples a LightningDiT run (EMA weights) and decodes with its VA-VAE: FID .npz or a demo grid.
 
   python launch/sample.py --workdir=runs/lightningdit_xl --out=samples/xl_64ep \
       --num_samples=50000 --batch_size=256
@@ -76,8 +76,10 @@ def define_flags() -> None:
         "precision",
         None,
         ["default", "fp8", "fp8_emulated"],
-        "The model's matmuls: default (in the compute dtype) or fp8 (the blocks' products in "
-        "float8, weights quantised once; GPUs with FP8 tensor cores). Default: the run's config.",
+        "The model's matmuls: default (in the compute dtype); fp8 (the blocks' products in "
+        "float8, the weights quantised once per batch; GPUs with FP8 tensor cores only); "
+        "fp8_emulated (fp8's rounding on any backend, slowly: fidelity checks). Default: the "
+        "run's config.",
     )
     flags.DEFINE_bool("keep_chunks", False, "Keep chunk_*.npz after the merge.")
     flags.DEFINE_bool("grid_only", False, "Only write a demo grid PNG of --classes.")
@@ -113,6 +115,10 @@ def main(argv):
     distributed.initialize("auto")
     if not _FLAGS.workdir or not _FLAGS.out:
         raise app.UsageError("--workdir and --out are required")
+    try:
+        fp8.check_backend(_run_precision())
+    except ValueError as e:  # one line, before anything is loaded or written
+        raise app.UsageError(str(e)) from None
     overrides = dict(
         num_steps=_FLAGS.num_steps,
         method=_FLAGS.method,

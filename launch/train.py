@@ -1,4 +1,4 @@
-"""Trains a model from an ml_collections config: VA-VAE or LightningDiT.
+r"""Trains a model from an ml_collections config: VA-VAE or LightningDiT.
 
   python launch/train.py --config=configs/vavae_f16d32.py:small --workdir=runs/quickstart
   python launch/train.py --config=configs/vavae_f16d32.py --config.global_batch_size=128

@@ -72,9 +72,10 @@ def check_backend(precision: str, devices=None) -> None:
         if d.platform != "gpu" or cc is None or float(cc) < MIN_COMPUTE_CAPABILITY:
             where = f"{d.platform} device {d.device_kind!r}" + (f" (compute {cc})" if cc else "")
             raise ValueError(
-                f"model.precision='fp8' needs GPUs with FP8 tensor cores (compute capability >= "
-                f"{MIN_COMPUTE_CAPABILITY}: Ada, Hopper, Blackwell), but this runs on a {where}. "
-                "Use precision='default' (bf16), or 'fp8_emulated' for the same float8 rounding "
+                f"precision 'fp8' (--config.model.precision, launch/sample.py --precision) needs "
+                f"GPUs with FP8 tensor cores (compute capability >= {MIN_COMPUTE_CAPABILITY}: "
+                f"Ada, Hopper, Blackwell), but this runs on a {where}. Use 'default' (the "
+                "matmuls in the compute dtype), or 'fp8_emulated' for the same float8 rounding "
                 "without its speed (tests, fidelity checks on a CPU)."
             )
 

@@ -54,7 +54,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from lightningdit_jax import data as latent_data
-from lightningdit_jax import sampling
+from lightningdit_jax import fp8, sampling
 from lightningdit_jax import train as dit_train
 from vavae_jax import data as image_data
 from vavae_jax.data import DataCountError
@@ -718,11 +718,15 @@ def _chunk_path(out: str, c: int) -> str:
     return os.path.join(out, f"chunk_{c:05d}.npz")
 
 
+# Settings added since the first sample_settings.json, with the value every earlier run had.
+_SETTINGS_BEFORE = {"precision": "default"}
+
+
 def _check_settings(out: str, settings: dict[str, Any]) -> None:
     """A rerun must use the settings of the chunks already written (else they would mix)."""
     path = os.path.join(out, SETTINGS_FILE)
     if os.path.exists(path):
-        old = json.loads(pathlib.Path(path).read_text())
+        old = {**_SETTINGS_BEFORE, **json.loads(pathlib.Path(path).read_text())}
         if old != settings:
             diff = {k: (old.get(k), settings.get(k)) for k in set(old) | set(settings)}
             diff = {k: v for k, v in diff.items() if v[0] != v[1]}
@@ -807,6 +811,8 @@ def sample_npz(
     mesh = sharding.make_mesh(-1, 1)
     # Settings first (meta and config.json only, no weights): a rerun must match them.
     run = open_run(workdir, step)
+    precision = precision or run.config.model.get("precision", "default")
+    fp8.check_backend(precision)  # before anything is written to `out`
     guidance = sampling.Guidance.from_config(run.config.sample, **overrides)
     settings = dict(
         guidance.to_dict(),
@@ -817,9 +823,8 @@ def sample_npz(
         batch_size=batch_size,
         seed=seed,
         dtype=dtype or "",
+        precision=precision,
     )
-    if precision:  # absent from settings written before 2026-12-04: those reruns still match
-        settings["precision"] = precision
     pid = jax.process_index()
     if pid == 0:
         os.makedirs(out, exist_ok=True)

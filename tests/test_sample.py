@@ -144,6 +144,10 @@ def test_grid_and_errors(run, tmp_path):
     _, export4 = write_export(tmp_path / "export4", channels=4)
     with pytest.raises(ValueError, match="4 latent channels"):
         pipeline.sample_npz(workdir, str(tmp_path / "o"), tokenizer=export4, **kw)
+    # FP8 without FP8 tensor cores: refused before anything is written to --out.
+    with pytest.raises(ValueError, match="needs GPUs with FP8 tensor cores"):
+        pipeline.sample_npz(workdir, str(tmp_path / "fp8"), precision="fp8", **kw)
+    assert not (tmp_path / "fp8").exists()
     # Meta without latent stats.
     meta = {"latent_norm": True, "latent_multiplier": 1.0, "step": 2}
     with pytest.raises(ValueError, match="latent_mean"):
@@ -232,3 +236,13 @@ def test_tokenizer_architecture_is_data(tmp_path):
         train.build_meta(
             ml_collections.ConfigDict(old), {"mean": [0.0], "std": [1.0]}, {"shape": [2, 8, 8, 8]}
         )
+
+
+def test_settings_of_earlier_versions_mean_default_precision(tmp_path):
+    """sample_settings.json written before `precision` existed matches precision "default" (every
+    run sampled so then), and only that."""
+    old = {"seed": 0, "num_samples": 4}
+    (tmp_path / pipeline.SETTINGS_FILE).write_text(json.dumps(old))
+    pipeline._check_settings(str(tmp_path), {**old, "precision": "default"})
+    with pytest.raises(ValueError, match="'precision': \\('default', 'fp8'\\)"):
+        pipeline._check_settings(str(tmp_path), {**old, "precision": "fp8"})

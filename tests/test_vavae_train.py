@@ -413,7 +413,8 @@ def test_schedule_stages():
     # The log line of a stage: its steps and the fields stages change, the GAN's start in steps.
     assert stages[0].describe() == (
         "steps 0 to 999: vf_weight 0.5, margins distmat 0.0 / cos 0.0, GAN from step 2501 "
-        "(disc_start 5001)"
+        "(disc_start 5001 counts the reference's two optimizer steps per step)"
     )
     restart = "; optimizers restart at step 1000" if stages[1].reset_optimizers else ""
-    assert stages[1].describe().endswith(f"GAN from step 1 (disc_start 1){restart}")
+    two = "the reference's two optimizer steps"
+    assert stages[1].describe().endswith(f"step 1 (disc_start 1 counts {two} per step){restart}")

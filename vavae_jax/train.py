@@ -210,7 +210,7 @@ class Stage:
         text = (
             f"steps {self.start} to {self.end - 1}: vf_weight {lc.vf_weight}, margins distmat "
             f"{lc.distmat_margin} / cos {lc.cos_margin}, GAN from step {gan} (disc_start "
-            f"{lc.disc_start})"
+            f"{lc.disc_start} counts the reference's two optimizer steps per step)"
         )
         if self.reset_optimizers and self.start:  # at step 0 there is nothing to restart
             text += f"; optimizers restart at step {self.start}"

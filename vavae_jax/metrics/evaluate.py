@@ -166,7 +166,7 @@ def evaluate_tokenizer(
         lpips_model = groups["lpips"]
         log.info("LPIPS: the weights stored with the tokenizer export")
     else:
-        log.warning("no --lpips and none in the tokenizer export: LPIPS is not reported")
+        log.warning("no --lpips, and the tokenizer (export or run) has none: LPIPS is not reported")
     if not inception:
         log.warning("no --inception: rFID is not reported")
 
@@ -230,8 +230,8 @@ def evaluate_tokenizer(
     if extractor is not None:
         if count < 2:
             raise ValueError("rFID needs at least 2 images")
-        mu1, s1 = fid.feature_statistics(feats_orig.finish())
-        mu2, s2 = fid.feature_statistics(feats_rec.finish())
+        mu1, s1 = fid.feature_statistics(feats_orig.finish(), "the original images")
+        mu2, s2 = fid.feature_statistics(feats_rec.finish(), "the reconstructions")
         result["rfid"] = fid.frechet_distance(mu1, s1, mu2, s2)
         result["inception"] = inception_label
         if ref_stats:
@@ -278,7 +278,7 @@ def evaluate_samples(
                     feats.add(np.asarray(image.to_uint8(batch["image"]))[mask])
             pool = feats.finish()
             ref_file = os.path.join(tmp, "ref_stats.npz")
-            fid.save_statistics(ref_file, *fid.feature_statistics(pool))
+            fid.save_statistics(ref_file, *fid.feature_statistics(pool, "the reference images"))
             log.info("reference: %d images of %s at %d px", len(pool), ref, size)
         result = fid.compute_fid_from_npz(samples, ref_file, extractor, num_splits=num_splits)
     result.update(samples=str(samples), ref=str(ref), inception=label)

@@ -52,8 +52,9 @@ Stats = tuple[np.ndarray, np.ndarray]  # (mu [D] float64, sigma [D, D] float64)
 # --------------------------------------------------------------------------------------------
 
 
-def feature_statistics(features: np.ndarray) -> Stats:
-    """(mean, covariance) in float64 of features [N, D], as `np.mean` / `np.cov(rowvar=False)`."""
+def feature_statistics(features: np.ndarray, name: str = "") -> Stats:
+    """(mean, covariance) in float64 of features [N, D], as `np.mean` / `np.cov(rowvar=False)`.
+    `name` (e.g. "the samples") names the set in the warning about too few of them."""
     features = np.asarray(features, np.float64)
     if features.ndim != 2:
         raise ValueError(f"features must be [N, D], got shape {features.shape}")
@@ -64,8 +65,9 @@ def feature_statistics(features: np.ndarray) -> Stats:
         raise ValueError("features contain NaN or inf; check the images and the Inception weights")
     if n <= d:
         log.warning(
-            "FID statistics from %d samples of %d-d features: the covariance has rank < %d; the "
-            "distance stays finite but is biased (use 50k samples for FID-50k)",
+            "FID statistics of %s from %d samples of %d-d features: the covariance has rank < "
+            "%d; the distance stays finite but is biased (use 50k samples for FID-50k)",
+            name or "a set",
             n,
             d,
             d,
@@ -291,7 +293,7 @@ def reference_statistics(
     if inception is None:
         raise ValueError(f"{path} stores images only ('arr_0'); pass an Inception to compute them")
     pool, _ = compute_activations(path, inception, **kwargs)
-    return feature_statistics(pool)
+    return feature_statistics(pool, f"the reference {path}")
 
 
 def compute_fid_from_npz(
@@ -316,7 +318,7 @@ def compute_fid_from_npz(
     )
     ref_mu, ref_sigma = reference_statistics(ref_npz, extractor)
     pool, logits = compute_activations(sample_npz, extractor)
-    mu, sigma = feature_statistics(pool)
+    mu, sigma = feature_statistics(pool, f"the samples {sample_npz}")
     is_mean, is_std = inception_score(logits, num_splits)
     return {
         "fid": frechet_distance(mu, sigma, ref_mu, ref_sigma),
