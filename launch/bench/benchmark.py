@@ -220,6 +220,12 @@ VAE_VARIANTS = {
         "XLA's command buffers (CUDA graphs) off: is the host time before the first kernel "
         "their update?",
     ),
+    "no_donation": (
+        "autodiff",
+        {},
+        "the state not donated: is the host time the runtime's handling of ~1500 donated "
+        "buffers?",
+    ),
 }
 
 
@@ -282,7 +288,8 @@ def bench_vae_train(args, peak):
             step = make_train_step(gdef, ddef, lp, teacher, tx, tx, cfg)  # a new trace
             x = jax.random.uniform(jax.random.key(0), (b, 256, 256, 3), jnp.float32, -1, 1)
             x = shard_batch(x)
-            fn = jax.jit(in_mesh(step), donate_argnums=(0,))
+            donate = () if variant == "no_donation" else (0,)
+            fn = jax.jit(in_mesh(step), donate_argnums=donate)
             args_ = (state, frozen, {"image": x}, jax.random.key(1), *hp)
             t = time.perf_counter()
             compiled = fn.lower(*args_).compile(compiler_options=options or None)
