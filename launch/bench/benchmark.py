@@ -223,8 +223,7 @@ VAE_VARIANTS = {
     "no_donation": (
         "autodiff",
         {},
-        "the state not donated: is the host time the runtime's handling of ~1500 donated "
-        "buffers?",
+        "the state not donated: is the host time the runtime's handling of ~1500 donated buffers?",
     ),
 }
 
