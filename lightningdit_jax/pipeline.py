@@ -417,7 +417,15 @@ def finalize(
         tokenizer=tokenizer_ref,
     )
     latent_data.save_index(out_dir, index)
-    log.info("%d latents %s in %d shards; stats written", count, shape, len(shards))
+    log.info(
+        "%d latents %s (each image and its horizontal flip) in %d shards, labels 0 to %d "
+        "(index.json's num_classes %d: 1 + the largest label); stats written",
+        count,
+        shape,
+        len(shards),
+        num_classes - 1,
+        num_classes,
+    )
     return index
 
 
