@@ -152,6 +152,29 @@ def device_events(
     return events, planes
 
 
+def host_events(xplane_path: str, steps: int, top: int = 30) -> list[dict[str, Any]]:
+    """The host threads' traced events of an `.xplane.pb` (the runtime's dispatch, argument
+    handling, thunk launches, waits), by name: inclusive milliseconds per step (a nested event
+    counts inside its parent too), calls per step and the thread, longest first."""
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
+    data = jax.profiler.ProfileData.from_file(xplane_path)
+    acc: dict[tuple[str, str], list] = collections.defaultdict(lambda: [0.0, 0])
+    for plane in data.planes:
+        if not plane.name.startswith("/host:"):
+            continue
+        for line in plane.lines:
+            for e in line.events:
+                a = acc[(e.name[:120], line.name)]
+                a[0] += float(e.duration_ns)
+                a[1] += 1
+    rows = sorted(acc.items(), key=lambda kv: -kv[1][0])[:top]
+    return [
+        dict(name=name, thread=thread, ms=v[0] * 1e-6 / steps, calls_per_step=v[1] / steps)
+        for (name, thread), v in rows
+    ]
+
+
 def profile(fn: Callable[[], Any], steps: int, logdir: str) -> dict[str, Any]:
     """Runs `fn()` `steps` times under the profiler (each result blocked on) and summarises the
     device kernels per step. `fn` should be compiled and warm already."""
@@ -163,7 +186,8 @@ def profile(fn: Callable[[], Any], steps: int, logdir: str) -> dict[str, Any]:
     if not paths:
         raise FileNotFoundError(f"jax.profiler wrote no .xplane.pb under {logdir}")
     spans: list = []
-    events, planes = device_events(max(paths, key=os.path.getmtime), spans)
+    path = max(paths, key=os.path.getmtime)
+    events, planes = device_events(path, spans)
     if not events:
         raise RuntimeError(
             f"the trace in {logdir} has no device kernel events (device planes: {planes or None});"
@@ -172,6 +196,7 @@ def profile(fn: Callable[[], Any], steps: int, logdir: str) -> dict[str, Any]:
     summary = summarize_events(events, steps)
     summary["device_planes"] = planes
     summary["timeline"] = idle_gaps(spans, steps)
+    summary["host_events"] = host_events(path, steps)
     return summary
 
 
@@ -187,6 +212,10 @@ def format_summary(summary: dict[str, Any], top: int = 25) -> str:
     for cat, ms in summary["by_category_ms"].items():
         share = ms / summary["kernel_ms_per_step"] if summary["kernel_ms_per_step"] else 0.0
         lines.append(f"    {cat:<12} {ms:8.2f} ms  {share:6.1%}")
+    if host := summary.get("host_events"):
+        lines.append("  host events, inclusive (ms/step, calls/step):")
+        for h in host[:8]:
+            lines.append(f"    {h['ms']:8.3f} {h['calls_per_step']:6.0f}  {h['name'][:100]}")
     lines.append(f"  top {top} kernels (ms/step, launches/step):")
     for k in summary["top_kernels"][:top]:
         lines.append(
