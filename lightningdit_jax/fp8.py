@@ -5,8 +5,9 @@ float8_e4m3fn activations and weights forward, float8_e5m2 gradients backward, e
 one scale of its own computed from its absolute maximum in the same call (per-tensor current
 scaling: no state, so checkpoints are the same as bf16 ones and load either way). The product
 is XLA's own: a `dot_general` of two float8 arrays, which XLA runs as cuBLASLt's FP8 GEMM on
-Hopper (`__cublas$lt$matmul$f8`), accumulating in float32; the two scales then multiply the
-float32 result in the elementwise pass that adds the bias and casts it (no hand-written GEMM).
+Hopper (`__cublas$lt$matmul$f8`), accumulating in float32 and writing the compute dtype; the two
+scales then multiply the result in the elementwise pass that adds the bias and casts it, which
+XLA can fuse into the layer's consumer (RoPE, SwiGLU, the gated residual). No hand-written GEMM.
 
     y  = (q(x) @ q(w)) * (sx * sw) + b                     q(a) = a / s rounded to float8
     dx = (q5(g) @ q(w)^T) * (sg * sw)                      s = amax(|a|) / float8 max
@@ -135,8 +136,10 @@ def dense(x: jax.Array, kernel, bias: jax.Array | None) -> jax.Array:
     return y.astype(x.dtype).reshape(*lead, y.shape[-1])
 
 
-def _fp8_dot(a, b, dims=_DIMS):
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+def _fp8_dot(a, b, out_dtype, dims=_DIMS):
+    """The float8 product written in `out_dtype` (the activations' compute dtype: bf16 on a GPU,
+    half the bytes of float32 for its consumer to read), returned as float32 for the scales."""
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=out_dtype).astype(jnp.float32)
 
 
 @jax.custom_vjp
@@ -150,7 +153,7 @@ def _product_fwd(x, w):
     xq, wq = quantize(x, sx, E4M3), quantize(w, sw, E4M3)
     # Zero-size arrays carry the inputs' dtypes (residuals must be arrays).
     dtypes = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
-    return _fp8_dot(xq, wq) * (sx * sw), (xq, sx, wq, sw, dtypes)
+    return _fp8_dot(xq, wq, x.dtype) * (sx * sw), (xq, sx, wq, sw, dtypes)
 
 
 def _product_bwd(res, g):
@@ -158,8 +161,8 @@ def _product_bwd(res, g):
     x_dtype, w_dtype = x_like.dtype, w_like.dtype
     sg = scale_of(g, E5M2)
     gq = quantize(g, sg, E5M2)
-    dx = _fp8_dot(gq, wq, (((1,), (1,)), ((), ()))) * (sg * sw)  # [M, K]
-    dw = _fp8_dot(xq, gq, (((0,), (0,)), ((), ()))) * (sx * sg)  # [K, N], written [in, out]
+    dx = _fp8_dot(gq, wq, x_dtype, (((1,), (1,)), ((), ()))) * (sg * sw)  # [M, K]
+    dw = _fp8_dot(xq, gq, x_dtype, (((0,), (0,)), ((), ()))) * (sx * sg)  # [K, N]: [in, out]
     return dx.astype(x_dtype), dw.astype(w_dtype)
 
 
@@ -169,7 +172,7 @@ _product.defvjp(_product_fwd, _product_bwd)
 def _product_quantised(x, wq, sw):
     """The forward with a weight quantised already (sampling: no gradient)."""
     sx = scale_of(x, E4M3)
-    return _fp8_dot(quantize(x, sx, E4M3), wq) * (sx * sw)
+    return _fp8_dot(quantize(x, sx, E4M3), wq, x.dtype) * (sx * sw)
 
 
 def quantize_weights(model: nnx.Module) -> nnx.Module:
