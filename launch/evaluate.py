@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import pathlib
 
 from vavae_jax.metrics import evaluate
@@ -92,11 +91,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
-    # force: importing orbax has already run logging.basicConfig() at WARNING (through absl),
+    from vavae_jax.runtime.logging import setup_python_logging
+
+    # replace: importing orbax has already run logging.basicConfig() at WARNING (through absl),
     # which would drop every INFO line, progress included, and keep its own format.
-    logging.basicConfig(
-        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True
-    )
+    setup_python_logging(replace=True)
     if bool(args.tokenizer) == bool(args.samples):
         raise ValueError("give exactly one of --tokenizer=<export or .pt> or --samples=<.npz>")
     if args.tokenizer:

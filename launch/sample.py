@@ -118,7 +118,7 @@ def main(argv):
     try:
         fp8.check_backend(_run_precision())
     except ValueError as e:  # one line, before anything is loaded or written
-        raise app.UsageError(str(e)) from None
+        raise SystemExit(f"launch/sample.py: {e}") from None
     overrides = dict(
         num_steps=_FLAGS.num_steps,
         method=_FLAGS.method,

@@ -68,6 +68,10 @@ def main(argv):
 
     setup_python_logging()
     distributed.initialize(_DISTRIBUTED.value, _COORD.value, _NPROC.value, _PID.value)
+    try:
+        fp8.check_backend(precision)
+    except ValueError as e:  # one line, before anything is built or written
+        raise SystemExit(f"launch/train.py: {e}") from None
     log = logging.getLogger("launch.train")
     log.info("devices: %s", distributed.describe())
     config = _CONFIG.value

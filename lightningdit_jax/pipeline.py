@@ -708,6 +708,8 @@ def load_sampler(
     latent_stats(run.meta)  # before any weights are read
     mesh = sharding.make_mesh(-1, 1) if mesh is None else mesh
     model = run.ema_model(mesh, dtype=dtype, precision=precision)
+    if model.config.precision != "default":
+        log.info("the model's matmuls: precision %s", model.config.precision)
     run_dtype = jnp.dtype(trainer.compute_dtype(run.config)).name
     ae = load_tokenizer(run.meta, tokenizer, dtype=dtype, run_dtype=run_dtype)
     if guidance is None:

@@ -50,6 +50,21 @@ def test_mistyped_config_field_is_one_line_naming_the_nearest(script, extra):
     assert "--config.optim.lrr" in lines[0] and "did you mean --config.optim.lr?" in lines[0]
 
 
+def test_fp8_without_fp8_tensor_cores_is_one_line_before_anything_is_written(tmp_path):
+    """precision fp8 on this CPU: train.py and sample.py stop with one line that names the way
+    out, and write nothing."""
+    dit = "--config=configs/lightningdit_xl_vavae_f16d32.py:small"
+    train = _cli("train.py", dit, "--config.model.precision=fp8", f"--workdir={tmp_path / 'w'}")
+    sample = _cli(
+        "sample.py", f"--workdir={tmp_path}", f"--out={tmp_path / 'o'}", "--precision=fp8"
+    )
+    for r, script in ((train, "train.py"), (sample, "sample.py")):
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        last = _lines(r.stderr)[-1]
+        assert last.startswith(f"launch/{script}: precision 'fp8'") and "fp8_emulated" in last
+    assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+
+
 def test_field_under_another_parent_is_suggested():
     r = _cli("train.py", SMALL, "--config.lr=1")
     assert r.returncode == 2 and "--config.optim.lr" in r.stderr and len(_lines(r.stderr)) <= 2

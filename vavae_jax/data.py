@@ -505,6 +505,7 @@ class EvalIterator(Iterator[dict[str, np.ndarray]]):
                     f"the data loader yields more than {self.num_batches} batches of "
                     f"{self.per_host_batch} records; expected {len(self.expected_indices)} records"
                 )
+            self._release()
             self._verify()
             raise StopIteration
         elements = []
@@ -533,6 +534,15 @@ class EvalIterator(Iterator[dict[str, np.ndarray]]):
         np.add.at(self._seen, pos, 1)
         self._batches += 1
         return batch
+
+    def _release(self) -> None:
+        """Drops grain's iterator once it is exhausted: its worker processes shut down and the
+        shared memory of their last records is unlinked now, not by Python's resource tracker
+        at exit (which warned of 8 leaked shared_memory objects after every extraction)."""
+        import gc
+
+        self._it = iter(())
+        gc.collect()
 
     def _verify(self) -> None:
         if self._done:

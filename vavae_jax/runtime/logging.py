@@ -14,8 +14,15 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def setup_python_logging(level=logging.INFO) -> None:
+def setup_python_logging(level=logging.INFO, *, replace: bool = False) -> None:
+    """Plain log lines on stderr at `level`; absl, orbax, jax and grain only from WARNING.
+    `replace`: drop root handlers set up already (importing orbax calls absl's
+    logging.basicConfig() at WARNING, which would keep its format; absl-run launchers keep
+    absl's handler)."""
     root = logging.getLogger()
+    if replace:
+        for h in list(root.handlers):
+            root.removeHandler(h)
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
         fmt = f"%(asctime)s [p{jax.process_index()}] %(levelname)s %(name)s: %(message)s"
