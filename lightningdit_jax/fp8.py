@@ -31,6 +31,11 @@ fidelity on a CPU, never for speed.
 
 Sampling quantises the weights once per call of the sampler (`quantize_weights`), not at each
 of its steps: the blocks' kernels become `Fp8Weight`s (float8 values and their scale).
+
+Costs of current scaling, to weigh against delayed scaling (amax histories as model state, not
+built) once a GPU profile shows them: each product reads its activation once more for the amax
+before quantising it, and on a batch split over devices each amax is a scalar all-reduce (XL/1:
+336 per train step, 3 per linear layer).
 """
 
 from __future__ import annotations
