@@ -34,8 +34,8 @@ of its steps: the blocks' kernels become `Fp8Weight`s (float8 values and their s
 
 Costs of current scaling, to weigh against delayed scaling (amax histories as model state, not
 built) once a GPU profile shows them: each product reads its activation once more for the amax
-before quantising it, and on a batch split over devices each amax is a scalar all-reduce (XL/1:
-336 per train step, 3 per linear layer).
+before quantising it, and on a batch split over devices each amax is a scalar all-reduce (x and
+the gradient, and the kernel where FSDP splits it: up to 336 per XL/1 train step).
 """
 
 from __future__ import annotations
