@@ -110,13 +110,14 @@ def main(argv):
     from vavae_jax.runtime.logging import setup_python_logging
 
     # Before JAX starts its backend, which reads XLA_FLAGS once.
-    os.environ["XLA_FLAGS"] = fp8.xla_flags(os.environ.get("XLA_FLAGS", ""), _run_precision())
+    precision = _run_precision()
+    os.environ["XLA_FLAGS"] = fp8.xla_flags(os.environ.get("XLA_FLAGS", ""), precision)
     setup_python_logging()
     distributed.initialize("auto")
     if not _FLAGS.workdir or not _FLAGS.out:
         raise app.UsageError("--workdir and --out are required")
     try:
-        fp8.check_backend(_run_precision())
+        fp8.check_backend(precision)
     except ValueError as e:  # one line, before anything is loaded or written
         raise SystemExit(f"launch/sample.py: {e}") from None
     overrides = dict(

@@ -86,9 +86,10 @@ def check_backend(precision: str, devices=None) -> None:
             )
 
 
-def scale_of(a: jax.Array, dtype) -> jax.Array:
-    """Per-tensor scale, float32 scalar: amax(|a|) / the largest float8 value (never 0)."""
-    amax = jnp.max(jnp.abs(a)).astype(jnp.float32)
+def scale_of(a: jax.Array, dtype, axis=None) -> jax.Array:
+    """Per-tensor scale, float32: amax(|a|) over `axis` (default: all) / the largest float8
+    value (never 0)."""
+    amax = jnp.max(jnp.abs(a), axis=axis).astype(jnp.float32)
     return jnp.maximum(amax, 1e-30) / float(jnp.finfo(dtype).max)
 
 
@@ -110,21 +111,13 @@ class Fp8Weight:
     @classmethod
     def of(cls, kernel: jax.Array) -> Fp8Weight:
         """Each [in, out] matrix of `kernel` [..., in, out] with a scale of its own."""
-        amax = jnp.max(jnp.abs(kernel), axis=(-2, -1)).astype(jnp.float32)
-        scale = jnp.maximum(amax, 1e-30) / float(jnp.finfo(E4M3).max)
+        scale = scale_of(kernel, E4M3, axis=(-2, -1))
         return cls(quantize(kernel, scale[..., None, None], E4M3), scale)
 
     def __getitem__(self, key):
         if key is not Ellipsis:
             raise TypeError(f"Fp8Weight supports w[...] only, got w[{key!r}]")
         return self
-
-    @property
-    def shape(self):
-        return self.value.shape
-
-    def dequantize(self) -> jax.Array:
-        return self.value.astype(jnp.float32) * self.scale[..., None, None]
 
 
 def dense(x: jax.Array, kernel, bias: jax.Array | None) -> jax.Array:

@@ -922,16 +922,11 @@ def demo_grid(
         workdir, tokenizer=tokenizer, step=step, dtype=dtype, precision=precision, **overrides
     )
     images = sampler.generate(classes, seed=seed)
-    rows = -(-len(images) // columns)
-    h, w = images.shape[1:3]
-    grid = np.zeros((rows * h, columns * w, 3), np.uint8)
-    for i, im in enumerate(images):
-        r, col = divmod(i, columns)
-        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = im
+    from vavae_jax.runtime.logging import save_png, tile_images
+
+    grid = tile_images(images, columns)
     path = os.path.join(out, f"grid_{sampler.meta['step']:07d}.png")
     if jax.process_index() == 0:
-        from vavae_jax.runtime.logging import save_png
-
         save_png(path, grid)
         log.info("wrote %s (classes %s)", path, classes)
     return path

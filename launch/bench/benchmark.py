@@ -210,19 +210,22 @@ def _vavae_config():
     )
 
 
-# --vae_variants: name -> (model.GROUP_NORM_BACKWARD, XLA compiler options, what it is).
+# --vae_variants: name -> (model.GROUP_NORM_BACKWARD, XLA compiler options, whether the state
+# is donated, what it is).
 VAE_VARIANTS = {
-    "default": ("autodiff", {}, "the model as shipped"),
-    "gn_written": ("written", {}, "GroupNorm's written backward, model.group_norm_vjp"),
+    "default": ("autodiff", {}, True, "the model as shipped"),
+    "gn_written": ("written", {}, True, "GroupNorm's written backward, model.group_norm_vjp"),
     "no_command_buffer": (
         "autodiff",
         {"xla_gpu_enable_command_buffer": ""},
+        True,
         "XLA's command buffers (CUDA graphs) off: is the host time before the first kernel "
         "their update?",
     ),
     "no_donation": (
         "autodiff",
         {},
+        False,
         "the state not donated: is the host time the runtime's handling of ~1500 donated buffers?",
     ),
 }
@@ -282,13 +285,12 @@ def bench_vae_train(args, peak):
         for b, variant in cases:
             if variant not in VAE_VARIANTS:
                 raise SystemExit(f"--vae_variants: {variant!r} is not one of {list(VAE_VARIANTS)}")
-            group_norm, options = VAE_VARIANTS[variant]
+            group_norm, options, donated, _ = VAE_VARIANTS[variant]
             model_lib.GROUP_NORM_BACKWARD = group_norm  # read when the step below is traced
             step = make_train_step(gdef, ddef, lp, teacher, tx, tx, cfg)  # a new trace
             x = jax.random.uniform(jax.random.key(0), (b, 256, 256, 3), jnp.float32, -1, 1)
             x = shard_batch(x)
-            donate = () if variant == "no_donation" else (0,)
-            fn = jax.jit(in_mesh(step), donate_argnums=donate)
+            fn = jax.jit(in_mesh(step), donate_argnums=(0,) if donated else ())
             args_ = (state, frozen, {"image": x}, jax.random.key(1), *hp)
             t = time.perf_counter()
             compiled = fn.lower(*args_).compile(compiler_options=options or None)
@@ -557,7 +559,7 @@ def main():
         "--vae_variants",
         default="default",
         help="vae_train: forms of the step to time, comma-separated: "
-        + ", ".join(f"{k} ({v[2]})" for k, v in VAE_VARIANTS.items()),
+        + ", ".join(f"{k} ({v[-1]})" for k, v in VAE_VARIANTS.items()),
     )
     p.add_argument(
         "--dit_train",

@@ -97,6 +97,8 @@ def main() -> None:
     p.add_argument("--cfg_scale", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.train_images < args.batch:
+        p.error(f"--train_images={args.train_images} is fewer than --batch={args.batch}")
 
     from lightningdit_jax import fp8 as fp8_lib
 
@@ -285,17 +287,9 @@ def _figures(out, curves, images, fp8, args) -> None:
 
     from PIL import Image
 
-    cols = 8
-    grids = []
-    for name in ("default", fp8):
-        ims = images[name]
-        rows = -(-len(ims) // cols)
-        h, w = ims.shape[1:3]
-        grid = np.full((rows * h, cols * w, 3), 255, np.uint8)
-        for i, im in enumerate(ims):
-            r, c = divmod(i, cols)
-            grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = im
-        grids.append(grid)
+    from vavae_jax.runtime.logging import tile_images
+
+    grids = [tile_images(images[name], 8, fill=255) for name in ("default", fp8)]
     gap = np.full((grids[0].shape[0], 4, 3), 255, np.uint8)
     both = np.concatenate([grids[0], gap, grids[1]], axis=1)
     scale = max(1, 128 // args.res)  # nearest-neighbour: the pixels stay visible

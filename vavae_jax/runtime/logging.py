@@ -84,6 +84,18 @@ def image_grid(rows: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(out, axis=0)
 
 
+def tile_images(images: np.ndarray, columns: int, fill: int = 0) -> np.ndarray:
+    """uint8 images [N, H, W, 3] -> one grid [rows*H, columns*W, 3], `columns` a row, the cells
+    after the last image filled with `fill`."""
+    n, h, w = images.shape[:3]
+    rows = -(-n // columns)
+    grid = np.full((rows * h, columns * w, 3), fill, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = im
+    return grid
+
+
 def save_png(path, image_hwc_uint8: np.ndarray) -> None:
     from PIL import Image
 
