@@ -72,6 +72,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # float8 operands (lightningdit_jax/fp8.py; GPUs with FP8 tensor cores: Ada, Hopper,
             # Blackwell; an error elsewhere); "fp8_emulated": the same rounding on any backend.
             precision="default",
+            # How the fp8 products scale: "current" (from each tensor in the same call: no state)
+            # or "delayed" (from the last fp8_amax_history steps' maxima, kept in the state).
+            fp8_scaling="current",
+            fp8_amax_history=16,
         )
     )
     c.dtype = "auto"  # compute dtype: bfloat16 on GPU/TPU, float32 on CPU; parameters float32

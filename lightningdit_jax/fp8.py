@@ -32,10 +32,27 @@ fidelity on a CPU, never for speed.
 Sampling quantises the weights once per call of the sampler (`quantize_weights`), not at each
 of its steps: the blocks' kernels become `Fp8Weight`s (float8 values and their scale).
 
-Costs of current scaling, to weigh against delayed scaling (amax histories as model state, not
-built) once a GPU profile shows them: each product reads its activation once more for the amax
-before quantising it, and on a batch split over devices each amax is a scalar all-reduce (x and
-the gradient, and the kernel where FSDP splits it: up to 336 per XL/1 train step).
+Scaling (`LightningDiTConfig.fp8_scaling`):
+  "current"  each scale comes from its tensor's absolute maximum in the same call: no state, but
+             every product reads its input once more (the amax pass) before it can quantise it,
+             and on a batch split over devices each amax is a scalar all-reduce.
+  "delayed"  each scale comes from the largest of the tensor's absolute maxima over the last
+             `fp8_amax_history` steps (Transformer Engine's recipe): the quantisation needs no
+             pass of its own (the amax of this step is a by-product of it) and the values above
+             the history's largest saturate. The histories are model state (`AmaxHistory`, one
+             [3, history] array per layer: input, kernel, output gradient; newest first),
+             checkpointed with the model, replicated, and updated by the train step from the
+             gradient pass: the "gradient" of a history is its new value (`custom_vjp`), which
+             the step writes back instead of giving it to the optimizer. An empty history
+             (a new model, or a checkpoint written without one) gives scale 1 until its first
+             step: that step's gradients below float8_e5m2's smallest value flush to zero.
+
+Product form (`PRODUCT`, read when a model is traced; for A/B runs of the benchmark):
+  "direct"   `dot_general` of the float8 arrays, scaled after (the form run 39 measured to
+             reach cuBLASLt's FP8 kernel);
+  "scaled"   the float8 arrays upcast to bf16 and multiplied by their scales inside a product at
+             `precision=HIGHEST`: the pattern XLA's FP8 GEMM rewriter is reported to fold into
+             one cuBLASLt call with both scales (no pass over the output). Same rounding.
 """
 
 from __future__ import annotations
@@ -49,6 +66,9 @@ from flax import nnx
 E4M3 = jnp.float8_e4m3fn  # forward operands: activations and weights
 E5M2 = jnp.float8_e5m2  # gradients: more range, less precision
 PRECISIONS = ("default", "fp8", "fp8_emulated")
+SCALINGS = ("current", "delayed")
+PRODUCTS = ("direct", "scaled")
+PRODUCT = "direct"  # the product's form (module docstring); read when a model is traced
 # XLA's Triton GEMMs off: their autotuning tried Triton tilings for ~21 s per FP8 shape and the
 # product still ran cuBLASLt's FP8 kernel (JOURNAL run 39).
 XLA_FLAGS = {"--xla_gpu_enable_triton_gemm": "false"}
@@ -86,11 +106,47 @@ def check_backend(precision: str, devices=None) -> None:
             )
 
 
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """How a layer multiplies in float8: `history` 0 for current scaling, else the length of its
+    amax histories (delayed scaling)."""
+
+    history: int = 0
+
+
+class AmaxHistory(nnx.Variable):
+    """Delayed scaling's state of one layer (module docstring): [3, history] float32, the
+    absolute maxima of its input (row 0), kernel (1) and output gradient (2) over the last
+    `history` steps, newest first. Written by the train step (the gradient pass returns its new
+    value), never by the optimizer."""
+
+
+# The float8 type of each history row: input, kernel, output gradient.
+ROW_DTYPES = (E4M3, E4M3, E5M2)
+
+
+def amax_of(a: jax.Array, axis=None) -> jax.Array:
+    """max(|a|) over `axis` (default: all), float32."""
+    return jnp.max(jnp.abs(a), axis=axis).astype(jnp.float32)
+
+
 def scale_of(a: jax.Array, dtype, axis=None) -> jax.Array:
     """Per-tensor scale, float32: amax(|a|) over `axis` (default: all) / the largest float8
     value (never 0)."""
-    amax = jnp.max(jnp.abs(a), axis=axis).astype(jnp.float32)
-    return jnp.maximum(amax, 1e-30) / float(jnp.finfo(dtype).max)
+    return jnp.maximum(amax_of(a, axis), 1e-30) / float(jnp.finfo(dtype).max)
+
+
+def initial_history(kernel: jax.Array, length: int) -> jax.Array:
+    """A new layer's history: its kernel's amax known, no input or gradient seen yet."""
+    return jnp.zeros((3, length), jnp.float32).at[1, 0].set(amax_of(kernel))
+
+
+def delayed_scales(history: jax.Array) -> jax.Array:
+    """[3] float32 scales of a [3, H] history: each row's largest amax / its float8's largest
+    value; 1 where a row has seen nothing (all zero) or is not finite."""
+    h = jnp.max(history, axis=-1)
+    fmax = jnp.asarray([float(jnp.finfo(d).max) for d in ROW_DTYPES], jnp.float32)
+    return jnp.where((h > 0) & jnp.isfinite(h), h / fmax, 1.0)
 
 
 def quantize(a: jax.Array, scale: jax.Array, dtype) -> jax.Array:
@@ -120,24 +176,49 @@ class Fp8Weight:
         return self
 
 
-def dense(x: jax.Array, kernel, bias: jax.Array | None) -> jax.Array:
+def dense(
+    x: jax.Array, kernel, bias: jax.Array | None, history: jax.Array | None = None
+) -> jax.Array:
     """`x @ kernel + bias` in FP8 (the module docstring), in x's dtype. x [..., in]; kernel
-    [in, out], the float32 parameter (quantised here, in this call) or an `Fp8Weight`."""
+    [in, out], the float32 parameter (quantised here, in this call) or an `Fp8Weight`;
+    `history`: the layer's [3, H] amax history for delayed scaling (None: current scaling)."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     if isinstance(kernel, Fp8Weight):
         y = _product_quantised(x2, kernel.value, kernel.scale)
-    else:
+    elif history is None:
         y = _product(x2, kernel)
+    else:
+        y = _product_delayed(x2, kernel, history)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(x.dtype).reshape(*lead, y.shape[-1])
 
 
-def _fp8_dot(a, b, out_dtype, dims=_DIMS):
-    """The float8 product written in `out_dtype` (the activations' compute dtype: bf16 on a GPU,
-    half the bytes of float32 for its consumer to read), returned as float32 for the scales."""
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=out_dtype).astype(jnp.float32)
+_DX_DIMS = (((1,), (1,)), ((), ()))  # g [M, N] x w [K, N] -> [M, K]
+_DW_DIMS = (((0,), (0,)), ((), ()))  # x [M, K] x g [M, N] -> [K, N]: [in, out]
+
+
+def _scaled_dot(a, sa, b, sb, out_dtype, dims=_DIMS):
+    """(a * sa) . (b * sb) of float8 `a`, `b` with float32 scales, as float32. The product is
+    written in `out_dtype` (the activations' compute dtype: bf16 on a GPU, half the bytes of
+    float32 for its consumer to read), in the form `PRODUCT` names."""
+    if PRODUCT == "direct":
+        y = jax.lax.dot_general(a, b, dims, preferred_element_type=out_dtype)
+        return y.astype(jnp.float32) * (sa * sb)
+    if PRODUCT == "scaled":
+        ad = a.astype(out_dtype) * sa.astype(out_dtype)
+        bd = b.astype(out_dtype) * sb.astype(out_dtype)
+        y = jax.lax.dot_general(
+            ad, bd, dims, precision=jax.lax.Precision.HIGHEST, preferred_element_type=out_dtype
+        )
+        return y.astype(jnp.float32)
+    raise ValueError(f"fp8.PRODUCT={PRODUCT!r}: expected one of {list(PRODUCTS)}")
+
+
+def _like(*arrays):
+    """Zero-size arrays carrying the inputs' dtypes (custom_vjp residuals must be arrays)."""
+    return tuple(jnp.zeros((0,), a.dtype) for a in arrays)
 
 
 @jax.custom_vjp
@@ -149,32 +230,58 @@ def _product(x, w):
 def _product_fwd(x, w):
     sx, sw = scale_of(x, E4M3), scale_of(w, E4M3)
     xq, wq = quantize(x, sx, E4M3), quantize(w, sw, E4M3)
-    # Zero-size arrays carry the inputs' dtypes (residuals must be arrays).
-    dtypes = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
-    return _fp8_dot(xq, wq, x.dtype) * (sx * sw), (xq, sx, wq, sw, dtypes)
+    return _scaled_dot(xq, sx, wq, sw, x.dtype), (xq, sx, wq, sw, _like(x, w))
 
 
 def _product_bwd(res, g):
     xq, sx, wq, sw, (x_like, w_like) = res
-    x_dtype, w_dtype = x_like.dtype, w_like.dtype
     sg = scale_of(g, E5M2)
     gq = quantize(g, sg, E5M2)
-    dx = _fp8_dot(gq, wq, x_dtype, (((1,), (1,)), ((), ()))) * (sg * sw)  # [M, K]
-    dw = _fp8_dot(xq, gq, x_dtype, (((0,), (0,)), ((), ()))) * (sx * sg)  # [K, N]: [in, out]
-    return dx.astype(x_dtype), dw.astype(w_dtype)
+    dx = _scaled_dot(gq, sg, wq, sw, x_like.dtype, _DX_DIMS)
+    dw = _scaled_dot(xq, sx, gq, sg, x_like.dtype, _DW_DIMS)
+    return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
 
 
 _product.defvjp(_product_fwd, _product_bwd)
 
 
+@jax.custom_vjp
+def _product_delayed(x, w, history):
+    """`_product` with delayed scaling: the scales come from `history` [3, H]; the "gradient"
+    of `history` is its new value (this step's three amaxes first)."""
+    return _product_delayed_fwd(x, w, history)[0]
+
+
+def _product_delayed_fwd(x, w, history):
+    s = delayed_scales(history)
+    xq, wq = quantize(x, s[0], E4M3), quantize(w, s[1], E4M3)
+    amaxes = (amax_of(x), amax_of(w))  # by-products of the quantisation's read
+    y = _scaled_dot(xq, s[0], wq, s[1], x.dtype)
+    return y, (xq, wq, s, history, amaxes, _like(x, w))
+
+
+def _product_delayed_bwd(res, g):
+    xq, wq, s, history, (ax, aw), (x_like, w_like) = res
+    gq = quantize(g, s[2], E5M2)
+    dx = _scaled_dot(gq, s[2], wq, s[1], x_like.dtype, _DX_DIMS)
+    dw = _scaled_dot(xq, s[0], gq, s[2], x_like.dtype, _DW_DIMS)
+    newest = jnp.stack([ax, aw, amax_of(g)])
+    new_history = jnp.concatenate([newest[:, None], history[:, :-1]], axis=1)
+    return dx.astype(x_like.dtype), dw.astype(w_like.dtype), new_history
+
+
+_product_delayed.defvjp(_product_delayed_fwd, _product_delayed_bwd)
+
+
 def _product_quantised(x, wq, sw):
-    """The forward with a weight quantised already (sampling: no gradient)."""
+    """The forward with a weight quantised already (sampling: no gradient; the input's scale
+    is its own, whatever the scaling the model trained with)."""
     sx = scale_of(x, E4M3)
-    return _fp8_dot(quantize(x, sx, E4M3), wq, x.dtype) * (sx * sw)
+    return _scaled_dot(quantize(x, sx, E4M3), sx, wq, sw, x.dtype)
 
 
 def quantize_weights(model: nnx.Module) -> nnx.Module:
-    """A copy of `model` whose FP8 layers (`model.Dense` with `fp8=True`) hold `Fp8Weight`
+    """A copy of `model` whose FP8 layers (`model.Dense` with an `fp8` spec) hold `Fp8Weight`
     kernels: quantised once, for the many forward passes of a sampler. Inference only: the
     copy has no gradient with respect to those kernels."""
     from lightningdit_jax.model import Dense

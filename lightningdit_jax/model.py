@@ -31,6 +31,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from lightningdit_jax import fp8
+from lightningdit_jax import fp8 as _fp8  # `fp8` is also a layer argument's name
 from lightningdit_jax.kernels import apply_rope, dense, rms_modulate, split_rope, swiglu
 from vavae_jax.runtime import attention
 from vavae_jax.runtime import sharding as _sharding
@@ -68,6 +69,8 @@ class LightningDiTConfig:
     "cudnn"). `precision`: "default" (the matmuls in `dtype`), "fp8" (the blocks' linear layers
     multiply float8 operands, `lightningdit_jax.fp8`; GPUs with FP8 tensor cores only) or
     "fp8_emulated" (the same float8 rounding on any backend, without the speed: tests, checks).
+    `fp8_scaling`: "current" (each scale from its tensor in the same call: no state) or "delayed"
+    (from the last `fp8_amax_history` steps' maxima, kept as model state); see `fp8`.
     """
 
     input_size: int = 32
@@ -91,6 +94,8 @@ class LightningDiTConfig:
     scan_layers: bool = True
     attention_impl: str | None = "auto"
     precision: str = "default"
+    fp8_scaling: str = "current"
+    fp8_amax_history: int = 16
 
     def __post_init__(self):
         problems = []
@@ -122,6 +127,12 @@ class LightningDiTConfig:
             problems.append(f"class_dropout_prob={self.class_dropout_prob} must be in [0, 1)")
         if self.precision not in fp8.PRECISIONS:
             problems.append(f"precision={self.precision!r}: expected one of {list(fp8.PRECISIONS)}")
+        if self.fp8_scaling not in fp8.SCALINGS:
+            problems.append(
+                f"fp8_scaling={self.fp8_scaling!r}: expected one of {list(fp8.SCALINGS)}"
+            )
+        if self.fp8_amax_history < 1:
+            problems.append(f"fp8_amax_history={self.fp8_amax_history} must be >= 1")
         if self.depth < 1 or self.scan_unroll < 1:
             problems.append(f"depth={self.depth} and scan_unroll={self.scan_unroll} must be >= 1")
         if problems:
@@ -156,6 +167,13 @@ class LightningDiTConfig:
         return self.precision != "default"
 
     @property
+    def fp8_spec(self) -> fp8.Spec | None:
+        """How the blocks' linear layers multiply in float8 (None: in `dtype`)."""
+        if not self.fp8:
+            return None
+        return fp8.Spec(self.fp8_amax_history if self.fp8_scaling == "delayed" else 0)
+
+    @property
     def null_label(self) -> int:
         """The label of the unconditional embedding (exists when class_dropout_prob > 0)."""
         return self.num_classes
@@ -174,18 +192,22 @@ class Buffer(nnx.Variable):
 class Dense(nnx.Linear):
     """torch's nn.Linear as nnx.Linear (same parameters, names and forward); with `custom_grad`
     its product goes through `kernels.dense` (kernel gradient written [in, out]); with `fp8`
-    through `fp8.dense` (float8 operands; the kernel may be an `fp8.Fp8Weight`)."""
+    (an `fp8.Spec`) through `fp8.dense` (float8 operands; the kernel may be an `fp8.Fp8Weight`;
+    with delayed scaling the layer holds its `fp8.AmaxHistory`, `amax`)."""
 
-    def __init__(self, *args, custom_grad: bool = False, fp8: bool = False, **kwargs):
+    def __init__(self, *args, custom_grad: bool = False, fp8=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.custom_grad = custom_grad
         self.fp8 = fp8
+        if fp8 is not None and fp8.history:
+            self.amax = _fp8.AmaxHistory(_fp8.initial_history(self.kernel[...], fp8.history))
 
     def __call__(self, inputs, out_sharding=None):
         if self.fp8:
             x = inputs.astype(self.dtype) if self.dtype is not None else inputs
             bias = self.bias[...] if self.bias is not None else None
-            return fp8.dense(x, self.kernel[...], bias)
+            history = self.amax[...] if self.fp8.history else None
+            return _fp8.dense(x, self.kernel[...], bias, history)
         if (
             not self.custom_grad
             or self.bias is None
@@ -209,7 +231,7 @@ def _dense(
     init=None,
     bias: bool = True,
     custom_grad: bool = False,
-    fp8: bool = False,
+    fp8: fp8.Spec | None = None,
 ) -> Dense:
     """nn.Linear with the reference's `_basic_init` (xavier-uniform weight, zero bias)."""
     init = init or nnx.initializers.xavier_uniform()
@@ -280,7 +302,7 @@ class Mlp(nnx.Module):
     """timm Mlp with GELU (tanh approximation)."""
 
     def __init__(
-        self, dim: int, hidden: int, rngs: nnx.Rngs, dtype, custom_grad: bool = False, fp8=False
+        self, dim: int, hidden: int, rngs: nnx.Rngs, dtype, custom_grad: bool = False, fp8=None
     ):
         kw = dict(custom_grad=custom_grad, fp8=fp8)
         self.fc1 = _dense(dim, hidden, rngs, dtype, ("embed", "mlp"), **kw)
@@ -294,7 +316,7 @@ class SwiGLUFFN(nnx.Module):
     """Reference models/swiglu_ffn.py: w12 -> (silu(x1) * x2) -> w3."""
 
     def __init__(
-        self, dim: int, hidden: int, rngs: nnx.Rngs, dtype, custom_grad: bool = False, fp8=False
+        self, dim: int, hidden: int, rngs: nnx.Rngs, dtype, custom_grad: bool = False, fp8=None
     ):
         kw = dict(custom_grad=custom_grad, fp8=fp8)
         self.w12 = _dense(dim, 2 * hidden, rngs, dtype, ("embed", "mlp"), **kw)
@@ -363,7 +385,7 @@ class Attention(nnx.Module):
         self.head_dim = config.head_dim
         self.implementation = config.attention_impl
         fast = config.dense_custom_grad
-        kw = dict(custom_grad=fast, fp8=config.fp8)
+        kw = dict(custom_grad=fast, fp8=config.fp8_spec)
         self.qkv = _dense(d, 3 * d, rngs, dtype, ("embed", "heads"), **kw)
         if config.use_qknorm:
             if config.use_rmsnorm:
@@ -468,9 +490,9 @@ class LightningDiTBlock(nnx.Module):
         fast = config.dense_custom_grad
         mlp_hidden = int(d * config.mlp_ratio)
         if config.use_swiglu:
-            self.mlp = SwiGLUFFN(d, int(2 / 3 * mlp_hidden), rngs, dtype, fast, config.fp8)
+            self.mlp = SwiGLUFFN(d, int(2 / 3 * mlp_hidden), rngs, dtype, fast, config.fp8_spec)
         else:
-            self.mlp = Mlp(d, mlp_hidden, rngs, dtype, fast, config.fp8)
+            self.mlp = Mlp(d, mlp_hidden, rngs, dtype, fast, config.fp8_spec)
         n_mod = 4 if config.wo_shift else 6
         zeros = nnx.initializers.zeros_init()
         self.adaLN_modulation = _dense(

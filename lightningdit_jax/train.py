@@ -27,8 +27,8 @@ import optax
 from flax import nnx
 
 from lightningdit_jax import data as data_lib
+from lightningdit_jax import fp8, sampling
 from lightningdit_jax import model as model_lib
-from lightningdit_jax import sampling
 from lightningdit_jax import transport as transport_lib
 from vavae_jax.runtime import checkpoint as ckpt_lib
 from vavae_jax.runtime import compile_log, sharding, trainer
@@ -65,6 +65,8 @@ def model_config(
         attention_impl=m.attention_impl or "auto",  # "" in configs written before 2026-11-22
         dtype=trainer.compute_dtype(config, platform),
         precision=m.get("precision", "default"),  # absent in configs before 2026-12-04
+        fp8_scaling=m.get("fp8_scaling", "current"),  # absent in configs before 2026-12-05
+        fp8_amax_history=m.get("fp8_amax_history", 16),
     )
     if latent_shape is not None:
         h, w, c = latent_shape
@@ -93,17 +95,31 @@ def make_optimizer(optim) -> optax.GradientTransformation:
     return trainer.make_optimizer(optim.lr, optim)
 
 
+def model_from(graphdef, state, weights: str = "params") -> nnx.Module:
+    """The LightningDiT of a train state: its `weights` ("params" or "ema"), the rest, and the
+    FP8 amax histories where the model keeps them (delayed scaling: `state["fp8"]`)."""
+    return nnx.merge(graphdef, state[weights], state["rest"], *_fp8_state(state))
+
+
+def _fp8_state(state) -> tuple:
+    return (state["fp8"],) if "fp8" in state else ()
+
+
 def make_train_step(graphdef, tx, transport, ema_decay: float):
-    """(state, batch, rng) -> (state, metrics): loss, AdamW update, EMA update."""
+    """(state, batch, rng) -> (state, metrics): loss, AdamW update, EMA update. With delayed
+    FP8 scaling (`state["fp8"]`, the amax histories) the gradient pass returns the histories'
+    new values as their "gradients" (`lightningdit_jax.fp8`): written back, not optimised."""
 
     def step(state, batch, rng):
-        def loss_fn(params):
-            model = nnx.merge(graphdef, params, state["rest"])
+        def loss_fn(params, fp8_state):
+            model = nnx.merge(graphdef, params, state["rest"], *fp8_state)
             return transport_lib.training_loss(
                 model, batch["latent"], batch["label"], rng, transport=transport, train=True
             )
 
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        (loss, terms), (grads, fp8_state) = jax.value_and_grad(
+            loss_fn, argnums=(0, 1), has_aux=True
+        )(state["params"], _fp8_state(state))
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         # Reference update_ema: ema = decay * ema + (1 - decay) * param.
@@ -112,6 +128,8 @@ def make_train_step(graphdef, tx, transport, ema_decay: float):
         metrics["train/grad_norm"] = optax.tree.norm(grads)
         metrics["train/param_norm"] = optax.tree.norm(params)
         new_state = dict(state, params=params, opt=opt, ema=ema, step=state["step"] + 1)
+        if fp8_state:
+            new_state["fp8"] = fp8_state[0]
         return new_state, metrics
 
     return step
@@ -139,14 +157,17 @@ def build_step(config, mesh, mcfg: model_lib.LightningDiTConfig) -> TrainStep:
         return model_lib.LightningDiT(mcfg, rngs=nnx.Rngs(key))
 
     def init(key):
-        _, params, rest = nnx.split(construct(key), nnx.Param, ...)
-        return dict(
+        _, params, fp8_state, rest = nnx.split(construct(key), nnx.Param, fp8.AmaxHistory, ...)
+        state = dict(
             params=params,
             rest=rest,
             opt=tx.init(params),
             ema=jax.tree.map(jnp.copy, params),  # reference: update_ema(ema, model, decay=0)
             step=jnp.zeros((), jnp.int32),
         )
+        if mcfg.fp8_spec is not None and mcfg.fp8_spec.history:  # delayed scaling's state
+            state["fp8"] = fp8_state
+        return state
 
     abstract_key = jax.eval_shape(lambda: jax.random.key(0))
     abstract_bits = jax.eval_shape(jax.random.key_data, abstract_key)
@@ -384,17 +405,30 @@ def load_ema_model(
         meta = _read_meta(ckpt, step) if meta is None else meta
         mcfg = model_config(config, tuple(meta["latent_shape"]), platform=_platform(mesh))
         train_step = build_step(config, mesh, mcfg)
-        state = ckpt.restore(meta["step"], train_step.abstract_state)["state"]
+        abstract = train_step.abstract_state
+        # The EMA weights and the rest only (not the parameters and Adam's moments). A model
+        # with delayed FP8 scaling takes the run's amax histories where it kept some, else new
+        # ones (a run trained in bf16 or with current scaling): sampling scales its inputs
+        # from themselves either way (fp8.quantize_weights).
+        part = {k: abstract[k] for k in ("ema", "rest")}
+        saved = {k.split("/", 1)[0] for k in ckpt.state_metadata(meta["step"])}
+        if "fp8" in abstract and "fp8" in saved:
+            part["fp8"] = abstract["fp8"]
+        state = ckpt.restore_part(meta["step"], part)
+        if "fp8" in abstract and "fp8" not in saved:
+            state["fp8"] = jax.tree.map(  # empty histories: not in the checkpoint
+                lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding), abstract["fp8"]
+            )
     finally:
         ckpt.close()
-    return nnx.merge(train_step.graphdef, state["ema"], state["rest"]), meta, config
+    return model_from(train_step.graphdef, state, "ema"), meta, config
 
 
 def _write_grid(config, graphdef, state, mcfg, meta, writer, workdir_path, step) -> None:
     """EMA samples of the first classes, shown as their first 3 de-normalised latent channels
     (decoding needs the tokenizer: launch/sample.py writes decoded grids)."""
     n = config.num_grid_images
-    ema = nnx.merge(graphdef, state["ema"], state["rest"])
+    ema = model_from(graphdef, state, "ema")
     z0 = jax.random.normal(
         jax.random.key(step), (n, mcfg.input_size, mcfg.input_size, mcfg.in_channels)
     )

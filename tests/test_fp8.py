@@ -4,6 +4,8 @@ paths in "fp8_emulated" (the same rounding on CPU), and the error for "fp8" wher
 cores exist."""
 
 import dataclasses
+import functools
+import json
 import types
 
 import jax
@@ -87,6 +89,55 @@ def test_weights_quantised_once_give_the_same_outputs(xwb):
         q[0]
 
 
+def test_delayed_scaling_takes_the_history_and_returns_the_new_one(xwb):
+    x, w, _ = xwb
+    x = x.reshape(-1, x.shape[-1])
+    g = jnp.asarray(np.random.default_rng(5).standard_normal((x.shape[0], w.shape[1])), jnp.float32)
+    g = g * 1e-4
+
+    def loss(fn, *args):
+        return jnp.sum(fn(*args) * g)
+
+    # A history whose largest entries are this call's amaxes: the same scales as current
+    # scaling, so the same float8 products.
+    now = jnp.stack([fp8.amax_of(x), fp8.amax_of(w), fp8.amax_of(g)])
+    history = jnp.zeros((3, 4)).at[:, 2].set(now).at[:, 3].set(now / 2)
+    want = jax.value_and_grad(functools.partial(loss, fp8._product), (0, 1))(x, w)
+    got = jax.value_and_grad(functools.partial(loss, fp8._product_delayed), (0, 1, 2))(
+        x, w, history
+    )
+    np.testing.assert_array_equal(got[0], want[0])
+    for a, b in zip(got[1][:2], want[1], strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The history's "gradient" is its new value: this call's three amaxes first, then shifted.
+    np.testing.assert_allclose(got[1][2][:, 0], now, rtol=1e-6)
+    np.testing.assert_array_equal(got[1][2][:, 1:], history[:, :-1])
+    # A smaller history saturates what lies above it; an empty one gives scale 1.
+    y_small = fp8._product_delayed(x, w, history / 8)
+    assert _rel(y_small, x @ w) > 5 * _rel(fp8._product(x, w), x @ w)
+    np.testing.assert_array_equal(fp8.delayed_scales(jnp.zeros((3, 4))), [1.0, 1.0, 1.0])
+    init = fp8.initial_history(w, 4)
+    assert float(init[1, 0]) == float(now[1]) and float(jnp.sum(init)) == float(now[1])
+
+
+def test_scaled_product_form_rounds_like_the_direct_one(xwb, monkeypatch):
+    """`fp8.PRODUCT="scaled"` (upcast and scale inside a HIGHEST product, the pattern XLA's FP8
+    GEMM rewriter folds) gives the direct form's numbers but for float32 rounding."""
+    x, w, b = xwb
+
+    def run():
+        return jax.value_and_grad(lambda x, w: jnp.sum(fp8.dense(x, w, b) ** 2), (0, 1))(x, w)
+
+    direct = run()
+    monkeypatch.setattr(fp8, "PRODUCT", "scaled")
+    scaled = run()
+    for a, c in zip(jax.tree.leaves(scaled), jax.tree.leaves(direct), strict=True):
+        assert _rel(a, c) < 1e-5
+    monkeypatch.setattr(fp8, "PRODUCT", "fused")
+    with pytest.raises(ValueError, match="PRODUCT='fused'"):
+        run()
+
+
 def _tiny(precision):
     return dataclasses.replace(PRESETS["tiny"], precision=precision)
 
@@ -147,10 +198,13 @@ def test_xla_flags_only_for_fp8():
 
 
 @pytest.mark.slow
-def test_trainer_step_in_fp8_emulated_and_checkpoints_load_either_way(tmp_path):
-    """Two steps of the trainer's own step (loss, AdamW, EMA) with the blocks in FP8 on the FSDP
-    mesh, its latent grid sampled with the weights quantised once; the checkpoint then loads
-    as a bf16-precision model and as an FP8 one."""
+def test_trainer_step_in_fp8_delayed_and_checkpoints_load_either_way(tmp_path):
+    """Two steps of the trainer's own step (loss, AdamW, EMA) with the blocks in FP8 and delayed
+    scaling on the FSDP mesh, its latent grid sampled with the weights quantised once: the
+    amax histories advance one entry a step and are checkpointed; the checkpoint then loads as
+    a default-precision model, with its histories, and with current scaling."""
+    import ml_collections
+
     from lightningdit_jax import train
     from tests.test_lightningdit_train import tiny_config, write_latents
     from vavae_jax.runtime import sharding
@@ -158,17 +212,44 @@ def test_trainer_step_in_fp8_emulated_and_checkpoints_load_either_way(tmp_path):
     write_latents(tmp_path / "latents")
     cfg = tiny_config(tmp_path / "latents")
     cfg.model.precision = "fp8_emulated"
+    cfg.model.fp8_scaling = "delayed"
+    cfg.model.fp8_amax_history = 4
     cfg.total_steps = cfg.checkpoint_every_steps = cfg.image_every_steps = 2
     out = train.run(cfg, str(tmp_path / "run"))
     assert out["step"] == 2 and list((tmp_path / "run" / "samples").glob("latent_*.png"))
     params = jax.tree.leaves(jax.device_get(out["state"]["params"]))
     assert all(np.isfinite(np.asarray(p)).all() for p in params)
+    histories = jax.device_get(out["state"]["fp8"])
+    leaves = jax.tree.leaves(histories)
+    assert len(leaves) == 4  # qkv, proj, w12, w3, each [depth, 3, 4]
+    for h in leaves:
+        assert h.shape == (2, 3, 4)
+        # Input row: two steps seen. Kernel row: the amax at init, then two. Gradient row: two
+        # steps seen, both 0 here: the final layer and the gates start at zero (the
+        # reference's init), so no gradient reaches the blocks in the first two steps.
+        assert (h[:, 0, :2] > 0).all() and (h[:, 0, 2:] == 0).all(), h
+        assert (h[:, 1, :3] > 0).all() and (h[:, 1, 3] == 0).all(), h
+        assert (h[:, 2] == 0).all(), h
     mesh = sharding.make_mesh(-1, 1)
     x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 8, 8, 8)).astype(np.float32))
     t, y = jnp.asarray([0.2, 0.9]), jnp.asarray([3, 4])
+    run_config = json.loads((tmp_path / "run" / "config.json").read_text())
     outs = {}
-    for precision in ("default", "fp8_emulated"):
-        ema, _, config = train.load_ema_model(str(tmp_path / "run"), mesh, precision=precision)
-        assert ema.config.precision == precision
-        outs[precision] = np.asarray(ema(x, t, y))
-    assert 0 < _rel(outs["fp8_emulated"], outs["default"]) < 0.1
+    for name, precision, scaling in [
+        ("default", "default", "delayed"),
+        ("delayed", "fp8_emulated", "delayed"),
+        ("current", "fp8_emulated", "current"),
+    ]:
+        config = ml_collections.ConfigDict(run_config)
+        config.model.fp8_scaling = scaling
+        ema, _, _ = train.load_ema_model(
+            str(tmp_path / "run"), mesh, precision=precision, config=config
+        )
+        assert (ema.config.precision, ema.config.fp8_scaling) == (precision, scaling)
+        if name == "delayed":  # the run's histories, restored
+            restored = jax.device_get(nnx.state(ema, fp8.AmaxHistory))
+            for a, b in zip(jax.tree.leaves(restored), leaves, strict=True):
+                np.testing.assert_array_equal(a, b)
+        outs[name] = np.asarray(ema(x, t, y))
+    assert 0 < _rel(outs["delayed"], outs["default"]) < 0.1
+    assert 0 < _rel(outs["current"], outs["default"]) < 0.1

@@ -148,6 +148,21 @@ def test_lr_change_is_logged_recorded_and_in_config_json(trainer, request, tmp_p
     assert _config_json(workdir)["total_steps"] == 2
 
 
+@DIT_TRAINER_GROUP
+def test_fp8_precision_resumes_a_bf16_run_but_delayed_scaling_is_refused(dit_run, tmp_path):
+    """Current FP8 scaling keeps the state as it is: a run trained in the default precision
+    resumes in FP8. Delayed scaling adds amax histories to the state: refused, named."""
+    workdir, make_config = _copy(dit_run, tmp_path)
+    fp8 = {"model.precision": "fp8_emulated", "total_steps": 2}
+    with pytest.raises(resume.ResumeConfigError) as err:
+        dit_train.run(make_config(**fp8, **{"model.fp8_scaling": "delayed"}), str(workdir))
+    msg = str(err.value)
+    assert "model.fp8_scaling: 'current' -> 'delayed'" in msg and "fp8/blocks" in msg, msg
+    result = dit_train.run(make_config(**fp8), str(workdir))
+    assert result["step"] == 2
+    assert _history(workdir)[1]["changes"]["model.precision"] == ["default", "fp8_emulated"]
+
+
 # ---- the field classification and the diff ----------------------------------------------------
 def test_config_diff_and_architecture_fields():
     old = {"model": {"ch": 32, "ch_mult": [1, 2]}, "optim": {"lr": 1e-4}, "seed": 0}

@@ -160,19 +160,23 @@ def test_dry_run_cli(tmp_path):
     ref = _reference_json(tmp_path / "ref.json")
     cmd = [sys.executable, ROOFLINE, "--train=B/1,4", "--forward=B/1,8;B/1,4", "--vae_train="]
     r = subprocess.run(
-        [*cmd, "--dry_run", f"--reference_json={ref}", f"--out={out}"],
+        [*cmd, "--dry_run", "--fp8", f"--reference_json={ref}", f"--out={out}"],
         capture_output=True,
         text=True,
     )
     assert r.returncode == 0, r.stderr
     assert "least other traffic" in r.stdout and "NVIDIA H200" in r.stdout
     data = json.loads(out.read_text())
-    assert set(data["paths"]) == {"B/1 train b4", "B/1 forward b8", "B/1 forward b4"}
+    bf16 = {"B/1 train b4", "B/1 forward b8", "B/1 forward b4"}
+    assert set(data["paths"]) == bf16 | {f"{p} fp8" for p in bf16}
     assert data["sampler"]["guided_calls"] + data["sampler"]["conditional_calls"] == 249
     targets = data["targets"]
     assert targets["XL/1 train b64"]["target_ms_same_session"] == pytest.approx(64 / 800 * 1e3)
     assert targets["B/1 train b256"]["target_ms_same_session"] == pytest.approx(256 / 3750 * 1e3)
     assert targets["XL/1 sample b128"]["target_s_same_session"] == pytest.approx(25.0 / 1.5)
+    # issue 19's FP8 targets: 1.6x / 1.5x / 1.7x the reference's bf16
+    assert targets["XL/1 sample b128 fp8"]["target_s_same_session"] == pytest.approx(25.0 / 1.7)
+    assert targets["XL/1 train b64 fp8"]["ratio"] == 1.6
     # the design figures stay the paper's: 64 images at 1.6 x 407 img/s
     assert targets["XL/1 train b64"]["target_ms_design"] == pytest.approx(64 / (1.6 * 407) * 1e3)
     bad = tmp_path / "bad.json"
@@ -184,6 +188,24 @@ def test_dry_run_cli(tmp_path):
     if jax.default_backend() != "gpu":
         r = subprocess.run([*cmd, f"--out={out}"], capture_output=True, text=True)
         assert r.returncode != 0 and "needs a GPU" in r.stderr
+
+
+def test_fp8_floor_times_the_blocks_linear_layers_in_float8():
+    """roofline --fp8: the products `precision="fp8"` runs in float8 are the blocks' four linear
+    layers, forward and both gradients, with e5m2 on the gradient's side."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("roofline", ROOFLINE)
+    roofline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(roofline)
+    cfg = dataclasses.replace(PRESETS["XL/1"], dtype="bfloat16")
+    e4, e5 = jnp.float8_e4m3fn, jnp.float8_e5m2
+    got = {g.name: roofline.fp8_operand_dtypes(g) for g in costs.gemms(cfg, 64, train=True)}
+    f8 = {k: v for k, v in got.items() if v is not None}
+    layers = ("block.qkv", "block.proj", "block.w12", "block.w3")
+    assert set(f8) == {f"{n}.{p}" for n in layers for p in ("fwd", "dx", "dw")}
+    assert f8["block.qkv.fwd"] == (e4, e4) and f8["block.w3.dx"] == (e5, e4)
+    assert f8["block.proj.dw"] == (e4, e5)
 
 
 def _conv(x, w):

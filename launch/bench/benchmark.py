@@ -228,6 +228,20 @@ VAE_VARIANTS = {
         False,
         "the state not donated: is the host time the runtime's handling of ~1500 donated buffers?",
     ),
+    "cb_fusion": (
+        "autodiff",
+        {"xla_gpu_enable_command_buffer": "FUSION"},
+        True,
+        "only fusions in command buffers: GEMM, cuDNN and custom calls (re-captured when their "
+        "buffers move) launched one by one",
+    ),
+    "cb_profiled": (
+        "autodiff",
+        {"xla_enable_command_buffers_during_profiling": True},
+        True,
+        "the default, profiled with its command buffers (XLA turns them off under a profiler "
+        "unless asked: the other variants' profiles show the program without them)",
+    ),
 }
 
 
@@ -305,13 +319,27 @@ def bench_vae_train(args, peak):
                 if i >= 3:
                     times.append(time.perf_counter() - t)
                     dispatch.append(t_back - t)
+            # As the trainer runs (runtime.loop): each step dispatched before waiting on the one
+            # before it, so host work of one call can overlap the device's work on the last.
+            n_ahead = max(2, args.iters // 2)
+            t = time.perf_counter()
+            previous = None
+            for i in range(n_ahead):
+                st, m = compiled(st, frozen, {"image": x}, jax.random.key(i), *hp)
+                if previous is not None:
+                    jax.block_until_ready(previous)
+                previous = m
+            jax.block_until_ready(previous)
+            ahead_ms = (time.perf_counter() - t) / n_ahead * 1e3
             r = dict(
                 compile_s=compile_s, median_s=statistics.median(times), min_s=min(times), flops=None
             )
             name = f"vae_train_{dtype}" + (f"_x{n}dev" if n > 1 else "")
             name += "" if variant == "default" else f"_{variant}"
             extra = dict(
-                dispatch_ms=statistics.median(dispatch) * 1e3, arguments=len(jax.tree.leaves(args_))
+                dispatch_ms=statistics.median(dispatch) * 1e3,
+                one_ahead_ms=ahead_ms,
+                arguments=len(jax.tree.leaves(args_)),
             )
             record(name, b, r, peak, loss=float(m["train/total_loss"]), num_devices=n, **extra)
             holder = {"st": st}
@@ -338,6 +366,23 @@ def bench_membw(args) -> float:
     return rate
 
 
+def _precision_field(field: str) -> tuple[str, str]:
+    """("fp8", "delayed") of a case's precision field `fp8[+delayed][+scaled]`: the model's
+    precision and FP8 scaling; "+scaled" sets `fp8.PRODUCT` (the product's form) for the cases
+    traced after it."""
+    from lightningdit_jax import fp8
+
+    precision, *options = field.split("+")
+    unknown = set(options) - {"delayed", "scaled"}
+    if unknown or (options and precision == "default"):
+        raise SystemExit(
+            f"precision field {field!r}: expected default or fp8/fp8_emulated with optional "
+            "+delayed (FP8 scaling) and +scaled (the product's form)"
+        )
+    fp8.PRODUCT = "scaled" if "scaled" in options else "direct"
+    return precision, "delayed" if "delayed" in options else "current"
+
+
 def _dit_model(preset, dtype, layers="scan", precision="default"):
     """(config, graphdef, params, rest) of a random-weight LightningDiT preset (inference)."""
     import dataclasses
@@ -346,6 +391,7 @@ def _dit_model(preset, dtype, layers="scan", precision="default"):
 
     if layers not in ("scan", "loop"):
         raise SystemExit(f"layers={layers!r}: expected scan or loop")
+    precision, _ = _precision_field(precision)  # sampling scales its inputs from themselves
     cfg = dataclasses.replace(
         PRESETS[preset],
         dtype=dtype,
@@ -388,7 +434,8 @@ def _dit_train_case(args, peak, spec):
 
     preset, b, dtype, remat, *rest = spec.split(",")
     layers = rest[0] if rest else "scan"
-    precision = rest[1] if len(rest) > 1 else "default"
+    field = rest[1] if len(rest) > 1 else "default"
+    precision, scaling = _precision_field(field)
     if layers not in ("scan", "loop"):
         raise SystemExit(f"{spec}: layers={layers!r}, expected scan or loop")
     path = pathlib.Path(__file__).resolve().parents[2] / "configs/lightningdit_xl_vavae_f16d32.py"
@@ -399,6 +446,7 @@ def _dit_train_case(args, peak, spec):
     config.model.remat_policy = remat
     config.model.scan_layers = layers == "scan"
     config.model.precision = precision
+    config.model.fp8_scaling = scaling
     config.mesh.num_devices = n
     mesh = sharding.mesh_from_config(config.mesh)
     mcfg = dit_train.model_config(config)
@@ -418,7 +466,7 @@ def _dit_train_case(args, peak, spec):
     compiled = ts.jit().lower(state, batch, bits[0]).compile()
     compile_s = time.perf_counter() - t
     name = f"dit_train_{preset}_{dtype}_remat-{remat}_{layers}" + (f"_x{n}dev" if n > 1 else "")
-    name += "" if precision == "default" else f"_{precision}"
+    name += "" if field == "default" else f"_{field}"
     save_hlo(args, name, compiled)
     flops = xla_flops(compiled)
     times = []
@@ -566,7 +614,8 @@ def main():
         default="XL/1,64,bfloat16,none;B/1,256,bfloat16,none",
         help="';'-separated preset,batch,dtype,remat[,scan|loop[,precision]] cases; precision: "
         "default or fp8 (XLA's Triton GEMMs are then off for the whole process, as "
-        "launch/train.py sets them for fp8: time the bf16 baseline in a run without fp8 cases)",
+        "launch/train.py sets them for fp8: time the bf16 baseline in a run without fp8 cases), "
+        "fp8+delayed (delayed scaling), fp8+scaled (the upcast-and-scale product form)",
     )
     p.add_argument(
         "--dit_forward",
@@ -594,7 +643,9 @@ def main():
     p.add_argument("--sample_steps", type=int, default=250)
     p.add_argument("--sample_dtype", default="bfloat16")
     p.add_argument("--sample_layers", default="scan", help="scan or loop (see dit_train)")
-    p.add_argument("--sample_precision", default="default", help="default or fp8 (see --dit_train)")
+    p.add_argument(
+        "--sample_precision", default="default", help="default, fp8 or fp8+scaled (see --dit_train)"
+    )
     p.add_argument("--out", default="benchmark.json")
     p.add_argument(
         "--save_forward_out", default="", help="path prefix: dit_forward outputs saved as .npy"
@@ -604,7 +655,9 @@ def main():
 
     # An fp8 case takes the FP8 path's XLA flags (lightningdit_jax/fp8.py), set before JAX starts
     # its backend: for every case of this process.
-    fp8_cases = args.sample_precision == "fp8" or ",fp8" in args.dit_train
+    fields = [args.sample_precision] + [c.split(",")[5] for c in args.dit_train.split(";")
+                                        if c.count(",") >= 5]  # fmt: skip
+    fp8_cases = any(f.split("+")[0] == "fp8" for f in fields)
     os.environ["XLA_FLAGS"] = fp8.xla_flags(
         os.environ.get("XLA_FLAGS", ""), "fp8" if fp8_cases else "default"
     )

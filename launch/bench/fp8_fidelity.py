@@ -92,6 +92,13 @@ def main() -> None:
     p.add_argument("--eval_every", type=int, default=250)
     p.add_argument("--dtype", default="", help="compute dtype (default: bfloat16 on GPU, else f32)")
     p.add_argument("--fp8", default="auto", choices=["auto", "fp8", "fp8_emulated"])
+    p.add_argument(
+        "--fp8_scaling",
+        default="current",
+        choices=["current", "delayed"],
+        help="the FP8 run's scaling (LightningDiTConfig.fp8_scaling); with delayed, the "
+        "same-weights measure uses the FP8 run's final amax histories",
+    )
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--sample_steps", type=int, default=50)
     p.add_argument("--cfg_scale", type=float, default=4.0)
@@ -155,7 +162,10 @@ def main() -> None:
         scan_layers=False,
         remat_policy="none",
     )
-    mcfgs = {"default": base, fp8: dataclasses.replace(base, precision=fp8)}
+    mcfgs = {
+        "default": base,
+        fp8: dataclasses.replace(base, precision=fp8, fp8_scaling=args.fp8_scaling),
+    }
     mesh = sharding.make_mesh(-1, 1)
     transport = dit_train.make_transport(config)
     n_val = len(norm_val)
@@ -182,14 +192,15 @@ def main() -> None:
             total += float(val_batch(model, **part)) * len(part["t"])
         return total / n
 
-    def as_model(mcfg, params, rest):
+    def as_model(mcfg, params, rest, histories=None):
+        """The model of `mcfg` with these weights (and amax histories: delayed scaling)."""
         model = LightningDiT(mcfg, rngs=nnx.Rngs(0))
-        nnx.update(model, params, rest)
+        nnx.update(model, params, rest, *([histories] if histories is not None else []))
         return model
 
     order = np.random.default_rng(args.seed + 3)
     batches = [order.choice(len(norm_train), args.batch, replace=False) for _ in range(args.steps)]
-    curves, finals, init_check = {}, {}, {}
+    curves, finals, init_check, histories = {}, {}, {}, {}
     for name, mcfg in mcfgs.items():
         ts = dit_train.build_step(config, mesh, mcfg)
         state = ts.init_state(jax.random.key(args.seed))
@@ -199,9 +210,8 @@ def main() -> None:
         t0 = time.perf_counter()
         for i in range(args.steps + 1):
             if i % args.eval_every == 0 or i == args.steps:
-                curve.append(
-                    dict(step=i, val_loss=val_loss(as_model(mcfg, state["params"], state["rest"])))
-                )
+                model = as_model(mcfg, state["params"], state["rest"], state.get("fp8"))
+                curve.append(dict(step=i, val_loss=val_loss(model)))
                 print(
                     f"  {name} step {i}: val {curve[-1]['val_loss']:.5f} "
                     f"({time.perf_counter() - t0:.0f} s)",
@@ -217,12 +227,16 @@ def main() -> None:
             state, metrics = step(state, batch, bits)
         curves[name] = curve
         finals[name] = (state["params"], state["rest"], float(metrics["train/loss"]))
+        histories[name] = state.get("fp8")
     if init_check["default"] != init_check[fp8]:
         raise SystemExit(f"the two runs did not start from the same weights: {init_check}")
 
     # --- 1. the same (default-trained) weights in both precisions --------------------------
     params, rest, _ = finals["default"]
-    same = {name: val_loss(as_model(mcfg, params, rest)) for name, mcfg in mcfgs.items()}
+    same = {
+        name: val_loss(as_model(mcfg, params, rest, histories[name]))
+        for name, mcfg in mcfgs.items()
+    }
     # --- 2. the curves' end -------------------------------------------------------------------
     end = {name: curves[name][-1]["val_loss"] for name in mcfgs}
     # --- 3. samples from the same noise ---------------------------------------------------------

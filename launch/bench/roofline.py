@@ -19,6 +19,14 @@ The least traffic, the GEMM list and the sampler's call counts come from the con
 (`lightningdit_jax.costs`, whose docstring says what the traffic counts and why it is a lower
 bound); only the times are measured here.
 
+With `--fp8` each DiT path also gets an FP8 floor (rows named "... fp8"): the blocks' linear
+layers' GEMMs (qkv, proj, SwiGLU's w12 / w3), as `LightningDiTConfig.precision="fp8"` runs
+them, timed alone in float8 (e4m3 x e4m3 forward, e5m2 gradient x e4m3 weight for the input's
+gradient, e4m3 x e5m2 for the weight's; bf16 output; cuBLASLt's FP8 kernels take one layout, so
+any transpose XLA adds around a lone product counts), everything else as in bf16, and the same
+least traffic (bf16's: float8 operands would halve part of it, so this FP8 floor is not a lower
+bound for every FP8 program, only for one that moves bf16 activations as the bf16 step does).
+
 The VA-VAE train step (`--vae_train=BATCH`, the trainer's real step of configs/vavae_f16d32.py:
 autoencoder, LPIPS-VGG16, PatchGAN, DINOv2-L, both optimizers) has no attention worth the name
 and hundreds of convolutions; its list of convolutions and products and its least other traffic
@@ -35,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 import tempfile
@@ -69,6 +78,9 @@ REFERENCE = {
 }
 
 
+# Issue 19's FP8 targets: the FP8 path against the reference's bf16.
+FP8_RATIO = {"XL/1 train b64": 1.6, "B/1 train b256": 1.5, "XL/1 sample b128": 1.7}
+
 # The reference's best VA-VAE train step (img/s, H200, fp32 + TF32 at batch 32: DESIGN.md).
 VAE_REFERENCE_IMG_PER_S = 61.0
 
@@ -87,27 +99,49 @@ def kernel_ms(fn, args, logdir: str, steps: int = 5) -> float:
     return summary["kernel_ms_per_step"]
 
 
-def _operands(g: Gemm, dtype):
+def _operands(g: Gemm, dtypes):
+    """A and B of `g` in `dtypes` (one dtype for both, or a pair)."""
+    da, db = dtypes if isinstance(dtypes, tuple) else (dtypes, dtypes)
     ka, kb = jax.random.split(jax.random.key(0))
     a_shape = (g.k, g.m) if g.layout == "tn" else (g.m, g.k)
     b_shape = (g.n, g.k) if g.layout == "nt" else (g.k, g.n)
-    a = jax.random.normal(ka, a_shape, jnp.float32).astype(dtype)
-    b = (jax.random.normal(kb, b_shape, jnp.float32) / np.sqrt(g.k)).astype(dtype)
+    a = jax.random.normal(ka, a_shape, jnp.float32).astype(da)
+    b = (jax.random.normal(kb, b_shape, jnp.float32) / np.sqrt(g.k)).astype(db)
     return a, b
 
 
-def _gemm_fn(layout: str):
+def _gemm_fn(layout: str, out_dtype=None):
     dims = {"nn": ((1,), (0,)), "nt": ((1,), (1,)), "tn": ((0,), (0,))}[layout]
-    return lambda a, b: jax.lax.dot_general(a, b, (dims, ((), ())))
+    return lambda a, b: jax.lax.dot_general(
+        a, b, (dims, ((), ())), preferred_element_type=out_dtype
+    )
 
 
-def measure_gemms(plan: list[Gemm], dtype, tmp: str, cache: dict) -> list[dict]:
+# The products `precision="fp8"` runs in float8 (lightningdit_jax.fp8): the blocks' linear layers.
+FP8_LAYERS = ("block.qkv", "block.proj", "block.w12", "block.w3", "block.fc1", "block.fc2")
+
+
+def fp8_operand_dtypes(g: Gemm):
+    """(A, B) float8 dtypes of `g` where the FP8 model runs it in float8, else None: forward
+    e4m3 x e4m3; the input's gradient e5m2 (the output gradient) x e4m3 (the weight); the
+    weight's gradient e4m3 (the input) x e5m2."""
+    layer, part = g.name.rsplit(".", 1)
+    if layer not in FP8_LAYERS:
+        return None
+    e4, e5 = jnp.float8_e4m3fn, jnp.float8_e5m2
+    return {"fwd": (e4, e4), "dx": (e5, e4), "dw": (e4, e5)}[part]
+
+
+def measure_gemms(plan: list[Gemm], dtype, tmp: str, cache: dict, fp8: bool = False) -> list[dict]:
     rows = []
     for g in plan:
-        key = (g.m, g.k, g.n, g.layout, str(dtype))
+        f8 = fp8_operand_dtypes(g) if fp8 else None
+        dtypes = f8 or dtype
+        key = (g.m, g.k, g.n, g.layout, str(dtypes))
         if key not in cache:
-            a, b = _operands(g, dtype)
-            cache[key] = kernel_ms(_gemm_fn(g.layout), (a, b), f"{tmp}/gemm_{len(cache)}")
+            a, b = _operands(g, dtypes)
+            fn = _gemm_fn(g.layout, dtype if f8 else None)  # float8 products write bf16
+            cache[key] = kernel_ms(fn, (a, b), f"{tmp}/gemm_{len(cache)}")
             del a, b
         ms = cache[key]
         rows.append(
@@ -115,6 +149,7 @@ def measure_gemms(plan: list[Gemm], dtype, tmp: str, cache: dict) -> list[dict]:
                 name=g.name,
                 shape=[g.m, g.k, g.n],
                 layout=g.layout,
+                operands=[jnp.dtype(d).name for d in f8] if f8 else jnp.dtype(dtype).name,
                 count=g.count,
                 ms_each=ms,
                 ms=ms * g.count,
@@ -339,10 +374,20 @@ def main():
         help="launch/bench/bench_reference.py output from this machine: targets from its figures "
         "instead of the H100 ones (the same GPU kind, measured in the same session)",
     )
+    p.add_argument(
+        "--fp8",
+        action="store_true",
+        help="also an FP8 floor per DiT path (the blocks' linear layers' GEMMs in float8; "
+        "XLA's Triton GEMMs off, as the launchers set them for precision=fp8)",
+    )
     p.add_argument("--dry_run", action="store_true", help="print the plan; measure nothing")
     p.add_argument("--out", default="roofline.json")
     args = p.parse_args()
 
+    if args.fp8:  # before JAX starts its backend
+        from lightningdit_jax import fp8 as fp8_lib
+
+        os.environ["XLA_FLAGS"] = fp8_lib.xla_flags(os.environ.get("XLA_FLAGS", ""), "fp8")
     reference = REFERENCE
     if args.reference_json:  # read (and fail) before measuring anything
         reference = reference_figures(args.reference_json)
@@ -375,7 +420,10 @@ def main():
         print(f"  bf16 8192^3 GEMM: {results['matmul_8192_tflops']:.0f} TFLOP/s (kernel time)")
         del a
     cache: dict = {}
-    for path in paths(args):
+    variants = [dict(p, fp8=False) for p in paths(args)]
+    if args.fp8:
+        variants += [dict(p, name=f"{p['name']} fp8", fp8=True) for p in paths(args)]
+    for path in variants:
         cfg = _config(path["preset"], args.dtype)
         plan = gemms(cfg, path["batch"], path["train"])
         items = traffic(cfg, path["batch"], path["train"])
@@ -384,6 +432,7 @@ def main():
             preset=path["preset"],
             batch=path["batch"],
             train=path["train"],
+            fp8=path["fp8"],
             gemm_tflop=sum(g.flops for g in plan) / 1e12,
             attention_tflop=attention_flops(cfg, path["batch"], path["train"]) / 1e12,
             traffic_gb=nbytes / 1e9,
@@ -397,7 +446,7 @@ def main():
         for k, v in items.items():
             print(f"    {v / 1e9:7.2f} GB  {k}")
         if not args.dry_run:
-            gm = measure_gemms(plan, dtype, tmp, cache)
+            gm = measure_gemms(plan, dtype, tmp, cache, fp8=path["fp8"])
             row["gemms"] = gm
             row["gemm_ms"] = sum(r["ms"] for r in gm)
             row["attention_ms"] = measure_attention(cfg, path["batch"], path["train"], dtype, tmp)
@@ -426,16 +475,20 @@ def main():
         conditional_calls=plain,
     )
     print(f"[sampler] {guided} guided calls at 2x{args.sample_batch}, {plain} conditional-only")
-    full = f"{args.sample_preset} forward b{2 * args.sample_batch}"
-    half = f"{args.sample_preset} forward b{args.sample_batch}"
-    if not args.dry_run and full in results["paths"] and half in results["paths"]:
-        for bw in ("spec", "best"):
-            s = (
-                guided * results["paths"][full][f"floor_ms_{bw}"]
-                + plain * results["paths"][half][f"floor_ms_{bw}"]
-            ) / 1e3
-            sample[f"floor_s_{bw}"] = s
-            sample[f"ceiling_img_per_s_{bw}"] = args.sample_batch / s
+    for suffix in ("", " fp8") if args.fp8 else ("",):
+        full = f"{args.sample_preset} forward b{2 * args.sample_batch}{suffix}"
+        half = f"{args.sample_preset} forward b{args.sample_batch}{suffix}"
+        if not args.dry_run and full in results["paths"] and half in results["paths"]:
+            for bw in ("spec", "best"):
+                s = (
+                    guided * results["paths"][full][f"floor_ms_{bw}"]
+                    + plain * results["paths"][half][f"floor_ms_{bw}"]
+                ) / 1e3
+                tag = suffix.strip().replace(" ", "_")
+                sample[f"floor_s_{bw}" + (f"_{tag}" if tag else "")] = s
+                sample[f"ceiling_img_per_s_{bw}" + (f"_{tag}" if tag else "")] = (
+                    args.sample_batch / s
+                )
     results["sampler"] = sample
     if args.vae_train:
         bws = None if args.dry_run else (bw_spec, bw_best)
@@ -480,26 +533,32 @@ def _targets(results, args, reference: dict) -> dict:
         "XL/1 train b64": ("XL/1 train b64", 64),
         "B/1 train b256": ("B/1 train b256", 256),
     }
-    for name, (path, batch) in keys.items():
-        ref = reference[name]
+    for suffix in ("", " fp8") if args.fp8 else ("",):
+        for name, (path, batch) in keys.items():
+            ref = reference[name]
+            ratio = FP8_RATIO[name] if suffix else ref["ratio"]
+            row = dict(
+                ratio=ratio,
+                target_ms_design=batch / (ratio * ref["design"]) * 1e3,
+                target_ms_same_session=batch / (ratio * ref["same_session"]) * 1e3,
+            )
+            floor = results["paths"].get(path + suffix, {})
+            for bw in ("spec", "best"):
+                if f"floor_ms_{bw}" in floor:
+                    row[f"floor_ms_{bw}"] = floor[f"floor_ms_{bw}"]
+            out[name + suffix] = row
+        ref = reference["XL/1 sample b128"]
+        ratio = FP8_RATIO["XL/1 sample b128"] if suffix else ref["ratio"]
         row = dict(
-            target_ms_design=batch / (ref["ratio"] * ref["design"]) * 1e3,
-            target_ms_same_session=batch / (ref["ratio"] * ref["same_session"]) * 1e3,
+            ratio=ratio,
+            target_s_design=args.sample_batch / (ratio * ref["design"]),
+            target_s_same_session=args.sample_batch / (ratio * ref["same_session"]),
         )
-        floor = results["paths"].get(path, {})
+        tag = "_fp8" if suffix else ""
         for bw in ("spec", "best"):
-            if f"floor_ms_{bw}" in floor:
-                row[f"floor_ms_{bw}"] = floor[f"floor_ms_{bw}"]
-        out[name] = row
-    ref = reference["XL/1 sample b128"]
-    row = dict(
-        target_s_design=args.sample_batch / (ref["ratio"] * ref["design"]),
-        target_s_same_session=args.sample_batch / (ref["ratio"] * ref["same_session"]),
-    )
-    for bw in ("spec", "best"):
-        if f"floor_s_{bw}" in results["sampler"]:
-            row[f"floor_s_{bw}"] = results["sampler"][f"floor_s_{bw}"]
-    out["XL/1 sample b128"] = row
+            if f"floor_s_{bw}{tag}" in results["sampler"]:
+                row[f"floor_s_{bw}"] = results["sampler"][f"floor_s_{bw}{tag}"]
+        out["XL/1 sample b128" + suffix] = row
     return out
 
 

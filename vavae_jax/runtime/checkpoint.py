@@ -92,6 +92,24 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return {k: restored[k] for k in items}
 
+    def restore_part(self, step: int, abstract_part: dict[str, Any]) -> dict[str, Any]:
+        """The top-level entries of the `state` item that `abstract_part` names, restored into
+        its shapes and shardings; the other entries are not read (sampling reads the EMA
+        weights, not the parameters and the optimizer's moments). Raises KeyError naming an
+        entry the checkpoint lacks."""
+        saved = {k.split("/", 1)[0] for k in self.state_metadata(step)}
+        missing = sorted(set(abstract_part) - saved)
+        if missing:
+            raise KeyError(
+                f"checkpoint step {step} in {self.directory} has no state entries {missing} "
+                f"(it has {sorted(saved)})"
+            )
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_part)
+        args = ocp.args.PyTreeRestore(
+            abstract_part, restore_args=restore_args, partial_restore=True
+        )
+        return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+
     def item_names(self, step: int) -> list[str]:
         step_dir = self.directory / str(step)
         return [p.name for p in step_dir.iterdir() if p.is_dir()] if step_dir.exists() else []
