@@ -291,7 +291,8 @@ def _figures(out, curves, images, fp8, args) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, curve in curves.items():
-        ax.plot([c["step"] for c in curve], [c["val_loss"] for c in curve], label=name)
+        label = f"{name} ({args.fp8_scaling} scaling)" if name == fp8 else name
+        ax.plot([c["step"] for c in curve], [c["val_loss"] for c in curve], label=label)
     ax.set(xlabel="step", ylabel="validation loss (MSE + cosine)", yscale="log")
     ax.set_title(f"LightningDiT {args.depth}x{args.hidden}, imagenette {args.res} px")
     ax.legend()
