@@ -411,7 +411,7 @@ def load_ema_model(
         # ones (a run trained in bf16 or with current scaling): sampling scales its inputs
         # from themselves either way (fp8.quantize_weights).
         part = {k: abstract[k] for k in ("ema", "rest")}
-        saved = {k.split("/", 1)[0] for k in ckpt.state_metadata(meta["step"])}
+        saved = ckpt.state_entries(meta["step"])
         if "fp8" in abstract and "fp8" in saved:
             part["fp8"] = abstract["fp8"]
         state = ckpt.restore_part(meta["step"], part)

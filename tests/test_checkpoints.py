@@ -113,3 +113,21 @@ def test_checkpoint_modules_import_one_way():
         r"from vavae_jax(\.checkpoints)? import .*checkpoints|vavae_jax\.checkpoints import"
     )
     assert not to_checkpoints.search((root / "convert.py").read_text())
+
+
+def test_restore_part_reads_only_the_named_entries(tmp_path):
+    """`Checkpointer.restore_part`: the named top-level entries of the saved state, restored
+    into the given shapes (sampling reads the EMA weights, not Adam's moments); an entry the
+    checkpoint lacks is a KeyError that names it and what the checkpoint has."""
+    state = {"ema": {"w": jnp.arange(4.0)}, "opt": {"mu": jnp.ones(3)}, "step": jnp.int32(7)}
+    ckpt = ckpt_lib.Checkpointer(tmp_path / "ckpt", async_save=False)
+    try:
+        ckpt.save(7, state)
+        assert ckpt.state_entries(7) == {"ema", "opt", "step"}
+        part = ckpt.restore_part(7, {"ema": ckpt_lib.abstract_like(state["ema"])})
+        assert set(part) == {"ema"}
+        np.testing.assert_array_equal(part["ema"]["w"], np.arange(4.0))
+        with pytest.raises(KeyError, match=r"no state entries \['fp8'\].*'ema', 'opt', 'step'"):
+            ckpt.restore_part(7, {"fp8": ckpt_lib.abstract_like(state["ema"])})
+    finally:
+        ckpt.close()

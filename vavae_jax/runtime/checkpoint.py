@@ -97,7 +97,7 @@ class Checkpointer:
         its shapes and shardings; the other entries are not read (sampling reads the EMA
         weights, not the parameters and the optimizer's moments). Raises KeyError naming an
         entry the checkpoint lacks."""
-        saved = {k.split("/", 1)[0] for k in self.state_metadata(step)}
+        saved = self.state_entries(step)
         missing = sorted(set(abstract_part) - saved)
         if missing:
             raise KeyError(
@@ -108,7 +108,9 @@ class Checkpointer:
         args = ocp.args.PyTreeRestore(
             abstract_part, restore_args=restore_args, partial_restore=True
         )
-        return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+        # A handler of its own: this manager may have registered the item's for full restores.
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+            return reader.restore(self.directory / str(step) / "state", args=args)
 
     def item_names(self, step: int) -> list[str]:
         step_dir = self.directory / str(step)
@@ -123,6 +125,10 @@ class Checkpointer:
         finally:
             handler.close()
         return ocp.tree.to_flat_dict(tree, sep="/")
+
+    def state_entries(self, step: int) -> set[str]:
+        """The top-level entries of the `state` item of `step` ("params", "ema", ...)."""
+        return {k.split("/", 1)[0] for k in self.state_metadata(step)}
 
     def stored_config(self, step: int) -> dict[str, Any] | None:
         """The `config` item of `step` (a JSON dict), None when the step has none."""
