@@ -30,8 +30,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from lightningdit_jax import fp8
-from lightningdit_jax import fp8 as _fp8  # `fp8` is also a layer argument's name
+from lightningdit_jax import fp8 as fp8_lib  # `fp8` is also a layer argument's name
 from lightningdit_jax.kernels import apply_rope, dense, rms_modulate, split_rope, swiglu
 from vavae_jax.runtime import attention
 from vavae_jax.runtime import sharding as _sharding
@@ -125,11 +124,13 @@ class LightningDiTConfig:
             )
         if not 0.0 <= self.class_dropout_prob < 1.0:
             problems.append(f"class_dropout_prob={self.class_dropout_prob} must be in [0, 1)")
-        if self.precision not in fp8.PRECISIONS:
-            problems.append(f"precision={self.precision!r}: expected one of {list(fp8.PRECISIONS)}")
-        if self.fp8_scaling not in fp8.SCALINGS:
+        if self.precision not in fp8_lib.PRECISIONS:
             problems.append(
-                f"fp8_scaling={self.fp8_scaling!r}: expected one of {list(fp8.SCALINGS)}"
+                f"precision={self.precision!r}: expected one of {list(fp8_lib.PRECISIONS)}"
+            )
+        if self.fp8_scaling not in fp8_lib.SCALINGS:
+            problems.append(
+                f"fp8_scaling={self.fp8_scaling!r}: expected one of {list(fp8_lib.SCALINGS)}"
             )
         if self.fp8_amax_history < 1:
             problems.append(f"fp8_amax_history={self.fp8_amax_history} must be >= 1")
@@ -167,11 +168,11 @@ class LightningDiTConfig:
         return self.precision != "default"
 
     @property
-    def fp8_spec(self) -> fp8.Spec | None:
+    def fp8_spec(self) -> fp8_lib.Spec | None:
         """How the blocks' linear layers multiply in float8 (None: in `dtype`)."""
         if not self.fp8:
             return None
-        return fp8.Spec(self.fp8_amax_history if self.fp8_scaling == "delayed" else 0)
+        return fp8_lib.Spec(self.fp8_amax_history if self.fp8_scaling == "delayed" else 0)
 
     @property
     def null_label(self) -> int:
@@ -200,14 +201,14 @@ class Dense(nnx.Linear):
         self.custom_grad = custom_grad
         self.fp8 = fp8
         if fp8 is not None and fp8.history:
-            self.amax = _fp8.AmaxHistory(_fp8.initial_history(self.kernel[...], fp8.history))
+            self.amax = fp8_lib.AmaxHistory(fp8_lib.initial_history(self.kernel[...], fp8.history))
 
     def __call__(self, inputs, out_sharding=None):
         if self.fp8:
             x = inputs.astype(self.dtype) if self.dtype is not None else inputs
             bias = self.bias[...] if self.bias is not None else None
             history = self.amax[...] if self.fp8.history else None
-            return _fp8.dense(x, self.kernel[...], bias, history)
+            return fp8_lib.dense(x, self.kernel[...], bias, history)
         if (
             not self.custom_grad
             or self.bias is None
@@ -231,7 +232,7 @@ def _dense(
     init=None,
     bias: bool = True,
     custom_grad: bool = False,
-    fp8: fp8.Spec | None = None,
+    fp8: fp8_lib.Spec | None = None,
 ) -> Dense:
     """nn.Linear with the reference's `_basic_init` (xavier-uniform weight, zero bias)."""
     init = init or nnx.initializers.xavier_uniform()
@@ -558,7 +559,7 @@ class LightningDiT(nnx.Module):
     """
 
     def __init__(self, config: LightningDiTConfig, *, rngs: nnx.Rngs):
-        fp8.check_backend(config.precision)
+        fp8_lib.check_backend(config.precision)
         self.config = config
         dtype = DTYPES[config.dtype]
         d = config.hidden_size
