@@ -83,9 +83,19 @@ def main(argv):
         from vavae_jax import train
     elif trainer == "lightningdit":
         from lightningdit_jax import train
+
+        try:  # the model's fields, checked before anything is built or written
+            train.model_config(config)
+        except ValueError as e:
+            raise SystemExit(f"launch/train.py: {e}") from None
     else:
         raise ValueError(f"config.trainer={trainer!r}: expected 'vavae' or 'lightningdit'")
-    train.run(config, workdir, stop_after_steps=_STOP.value)
+    from vavae_jax.runtime.resume import ResumeConfigError
+
+    try:
+        train.run(config, workdir, stop_after_steps=_STOP.value)
+    except ResumeConfigError as e:  # its message names the fields and the fix: no traceback
+        raise SystemExit(f"launch/train.py: {e}") from None
 
 
 if __name__ == "__main__":

@@ -229,6 +229,18 @@ def _platform(mesh) -> str:
     return mesh.devices.flat[0].platform
 
 
+def _matmuls(mcfg: model_lib.LightningDiTConfig) -> str:
+    """How the blocks' linear layers multiply, for the log."""
+    if not mcfg.fp8:
+        return f"matmuls in {mcfg.dtype}"
+    scaling = (
+        f"delayed scaling (amax history {mcfg.fp8_amax_history})"
+        if mcfg.fp8_scaling == "delayed"
+        else "current scaling"
+    )
+    return f"the blocks' linear layers in {mcfg.precision}, {scaling}"
+
+
 def build_meta(config, stats, index) -> dict[str, Any]:
     """What sampling needs besides the weights: how to de-normalise and which VA-VAE decodes."""
     return dict(
@@ -305,6 +317,15 @@ def run(
             f"but model {config.model.preset} has num_classes={mcfg.num_classes}: larger labels "
             f"would embed as the null (CFG) class or as NaN; extract fewer classes "
             f"(launch/extract_latents.py --max_records) or use a preset with more classes"
+        )
+    log.info("model %s: compute dtype %s, %s", config.model.preset, mcfg.dtype, _matmuls(mcfg))
+    if config.model.get("fp8_scaling", "current") != "current" and not mcfg.fp8:
+        log.warning(
+            "model.fp8_scaling=%r does nothing with model.precision=%r: the matmuls run in %s "
+            "and no amax histories are kept",
+            config.model.fp8_scaling,
+            mcfg.precision,
+            mcfg.dtype,
         )
     train_step = build_step(config, mesh, mcfg)
     graphdef, batch_sh = train_step.graphdef, train_step.batch_sharding

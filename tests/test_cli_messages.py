@@ -65,6 +65,15 @@ def test_fp8_without_fp8_tensor_cores_is_one_line_before_anything_is_written(tmp
     assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
 
 
+def test_invalid_model_field_is_one_line_before_anything_is_written(tmp_path):
+    dit = "--config=configs/lightningdit_xl_vavae_f16d32.py:small"
+    r = _cli("train.py", dit, "--config.model.fp8_scaling=late", f"--workdir={tmp_path / 'w'}")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    last = _lines(r.stderr)[-1]
+    assert last.startswith("launch/train.py: invalid LightningDiTConfig: fp8_scaling='late'")
+    assert "['current', 'delayed']" in last and not (tmp_path / "w").exists()
+
+
 def test_field_under_another_parent_is_suggested():
     r = _cli("train.py", SMALL, "--config.lr=1")
     assert r.returncode == 2 and "--config.optim.lr" in r.stderr and len(_lines(r.stderr)) <= 2

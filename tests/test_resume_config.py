@@ -5,7 +5,10 @@ config_history.jsonl and written to config.json."""
 
 import json
 import logging
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -118,6 +121,28 @@ def test_data_pipeline_change_grain_cannot_restore_is_one_clear_error(
     assert "global_batch_size: 8 -> 16" in msg and "grain" in msg and "new --workdir" in msg
     captured = capfd.readouterr()
     assert ORBAX_SPAM not in captured.out + captured.err + caplog.text
+
+
+@DIT_TRAINER_GROUP
+def test_launcher_prints_the_refusal_without_a_traceback(dit_run, tmp_path):
+    """launch/train.py turns the ResumeConfigError into its message alone (exit status 1)."""
+    workdir, _ = _copy(dit_run, tmp_path)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "launch/train.py",
+            "--config=configs/lightningdit_xl_vavae_f16d32.py:tiny,small",
+            f"--config.data.data_dir={dit_run[0].parent / 'latents'}",
+            "--config.model.class_dropout_prob=0.0",
+            f"--workdir={workdir}",
+        ],
+        cwd=pathlib.Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "launch/train.py: cannot resume" in r.stderr and "new --workdir" in r.stderr
 
 
 # ---- accepted: logged and recorded -----------------------------------------------------------
