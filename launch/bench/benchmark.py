@@ -235,13 +235,6 @@ VAE_VARIANTS = {
         "only fusions in command buffers: GEMM, cuDNN and custom calls (re-captured when their "
         "buffers move) launched one by one",
     ),
-    "cb_profiled": (
-        "autodiff",
-        {"xla_enable_command_buffers_during_profiling": True},
-        True,
-        "the default, profiled with its command buffers (XLA turns them off under a profiler "
-        "unless asked: the other variants' profiles show the program without them)",
-    ),
 }
 
 

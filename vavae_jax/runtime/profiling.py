@@ -179,10 +179,9 @@ def host_events(xplane_path: str, steps: int, top: int = 30) -> list[dict[str, A
 
 def profile(fn: Callable[[], Any], steps: int, logdir: str) -> dict[str, Any]:
     """Runs `fn()` `steps` times under the profiler (each result blocked on) and summarises the
-    device kernels per step, with the calls' median wall time under the profiler (the timeline's
-    span is to be compared with it: XLA's GPU runtime runs a program without its command buffers
-    while a profiler is on, unless `xla_enable_command_buffers_during_profiling`). `fn` should
-    be compiled and warm already."""
+    device kernels per step, with the calls' median wall time under the profiler (the wall of
+    the very launches the timeline shows, to set against its span). `fn` should be compiled and
+    warm already."""
     os.makedirs(logdir, exist_ok=True)
     walls = []
     with jax.profiler.trace(logdir):
