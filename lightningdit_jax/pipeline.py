@@ -732,11 +732,15 @@ def _chunk_path(out: str, c: int) -> str:
 _SETTINGS_BEFORE = {"precision": "default"}
 
 
-def _check_settings(out: str, settings: dict[str, Any]) -> None:
-    """A rerun must use the settings of the chunks already written (else they would mix)."""
+def _check_settings(out: str, settings: dict[str, Any], run_dtype: str | None = None) -> None:
+    """A rerun must use the settings of the chunks already written (else they would mix).
+    `run_dtype`: the run's own compute dtype here, what a `dtype` of "" meant in files written
+    before the effective dtype was recorded (2026-12-05)."""
     path = os.path.join(out, SETTINGS_FILE)
     if os.path.exists(path):
         old = {**_SETTINGS_BEFORE, **json.loads(pathlib.Path(path).read_text())}
+        if old.get("dtype") == "" and run_dtype is not None:
+            old["dtype"] = run_dtype
         if old != settings:
             diff = {k: (old.get(k), settings.get(k)) for k in set(old) | set(settings)}
             diff = {k: v for k, v in diff.items() if v[0] != v[1]}
@@ -824,6 +828,7 @@ def sample_npz(
     precision = precision or run.config.model.get("precision", "default")
     fp8.check_backend(precision)  # before anything is written to `out`
     guidance = sampling.Guidance.from_config(run.config.sample, **overrides)
+    run_dtype = trainer.compute_dtype(run.config)
     settings = dict(
         guidance.to_dict(),
         workdir=run.workdir,
@@ -832,13 +837,13 @@ def sample_npz(
         num_samples=num_samples,
         batch_size=batch_size,
         seed=seed,
-        dtype=dtype or "",
+        dtype=dtype or run_dtype,  # the compute dtype in force, the run's unless overridden
         precision=precision,
     )
     pid = jax.process_index()
     if pid == 0:
         os.makedirs(out, exist_ok=True)
-        _check_settings(out, settings)
+        _check_settings(out, settings, run_dtype)
     final = os.path.join(out, f"samples_{num_samples}.npz")
     if os.path.exists(final):
         log.info("%s exists: nothing to do", final)

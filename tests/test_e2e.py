@@ -243,6 +243,7 @@ def test_readme_chain_end_to_end(tmp_path):
         settings = json.loads((samples_dir / "sample_settings.json").read_text())
         assert settings["step"] == dit_steps
         assert settings["num_steps"] == int(_flag(commands[3], "num_steps"))
+        assert (settings["dtype"], settings["precision"]) == ("float32", "default")  # in force
 
         grid_dir = tmp_path / "grid"
         grid = _Stage(

@@ -246,3 +246,9 @@ def test_settings_of_earlier_versions_mean_default_precision(tmp_path):
     pipeline._check_settings(str(tmp_path), {**old, "precision": "default"})
     with pytest.raises(ValueError, match="'precision': \\('default', 'fp8'\\)"):
         pipeline._check_settings(str(tmp_path), {**old, "precision": "fp8"})
+    # A dtype of "" (files before 2026-12-05) was the run's own compute dtype.
+    (tmp_path / pipeline.SETTINGS_FILE).write_text(json.dumps({**old, "dtype": ""}))
+    now = {**old, "precision": "default", "dtype": "float32"}
+    pipeline._check_settings(str(tmp_path), now, run_dtype="float32")
+    with pytest.raises(ValueError, match="'dtype': \\('float32', 'bfloat16'\\)"):
+        pipeline._check_settings(str(tmp_path), {**now, "dtype": "bfloat16"}, run_dtype="float32")
