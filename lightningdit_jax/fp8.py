@@ -2,8 +2,8 @@
 
 The blocks' four linear layers (qkv, proj, SwiGLU's w12 and w3) multiply float8 operands:
 float8_e4m3fn activations and weights forward, float8_e5m2 gradients backward, each tensor with
-one scale of its own computed from its absolute maximum in the same call (per-tensor current
-scaling: no state, so checkpoints are the same as bf16 ones and load either way). The product
+one scale of its own (per-tensor scaling; by default from its absolute maximum in the same call:
+no state, so checkpoints are the same as bf16 ones and load either way; see Scaling). The product
 is XLA's own: a `dot_general` of two float8 arrays, which XLA runs as cuBLASLt's FP8 GEMM on
 Hopper (`__cublas$lt$matmul$f8`), accumulating in float32 and writing the compute dtype; the two
 scales then multiply the result in the elementwise pass that adds the bias and casts it, which
@@ -50,9 +50,10 @@ Scaling (`LightningDiTConfig.fp8_scaling`):
 Product form (`PRODUCT`, read when a model is traced; for A/B runs of the benchmark):
   "direct"   `dot_general` of the float8 arrays, scaled after (the form run 39 measured to
              reach cuBLASLt's FP8 kernel);
-  "scaled"   the float8 arrays upcast to bf16 and multiplied by their scales inside a product at
-             `precision=HIGHEST`: the pattern XLA's FP8 GEMM rewriter is reported to fold into
-             one cuBLASLt call with both scales (no pass over the output). Same rounding.
+  "scaled"   the float8 arrays upcast to the compute dtype and multiplied by their scales inside
+             a product at `precision=HIGHEST`: the pattern XLA's FP8 GEMM rewriter is reported
+             to fold into one cuBLASLt call with both scales (no pass over the output). Same
+             rounding.
 """
 
 from __future__ import annotations
