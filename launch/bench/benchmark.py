@@ -19,6 +19,7 @@ import pathlib
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 
 import jax
@@ -289,9 +290,15 @@ def bench_vae_train(args, peak):
             for v in args.vae_train_batches.split(",")
             for variant in args.vae_variants.split(",")
         ]
-        for b, variant in cases:
-            if variant not in VAE_VARIANTS:
-                raise SystemExit(f"--vae_variants: {variant!r} is not one of {list(VAE_VARIANTS)}")
+        unknown = [v for _, v in cases if v not in VAE_VARIANTS]
+        if unknown:
+            raise SystemExit(f"--vae_variants: {unknown} not in {list(VAE_VARIANTS)}")
+
+        def vae_case(  # called in this iteration; the defaults bind its values (lint B023)
+            b, variant, state=state, frozen=frozen, hp=hp, gdef=gdef, ddef=ddef, lp=lp,
+            teacher=teacher, tx=tx, cfg=cfg, shard_batch=shard_batch, in_mesh=in_mesh,
+            dtype=dtype, n=n,
+        ):  # fmt: skip
             group_norm, options, donated, _ = VAE_VARIANTS[variant]
             model_lib.GROUP_NORM_BACKWARD = group_norm  # read when the step below is traced
             step = make_train_step(gdef, ddef, lp, teacher, tx, tx, cfg)  # a new trace
@@ -345,6 +352,23 @@ def bench_vae_train(args, peak):
             maybe_profile(args, name, again)
             st = holder.pop("st")
             del st
+
+        for b, variant in cases:
+            _guarded(f"vae_train b{b} {variant}", functools.partial(vae_case, b, variant))
+
+
+def _guarded(label: str, case: Callable[[], None]) -> None:
+    """Runs one case; an error (out of memory, a compile error of one variant, an XLA option
+    this build lacks) is printed and recorded, and the next case runs: one failing case does
+    not cost a GPU session the rest of its command."""
+    try:
+        case()
+    except Exception as e:  # noqa: BLE001 (recorded, not hidden)
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        kind = "out of memory" if "RESOURCE_EXHAUSTED" in str(e) else type(e).__name__
+        print(f"  {label}: FAILED ({kind}): {first}", flush=True)
+        traceback.print_exc(limit=4)
+        RESULTS.append(dict(case=label, error=f"{kind}: {first}"))
 
 
 def bench_membw(args) -> float:
@@ -410,13 +434,7 @@ def bench_dit_train(args, peak):
     """LightningDiT train step: rectified-flow loss (lognorm t, cosine), AdamW, EMA 0.9999."""
 
     for spec in args.dit_train.split(";"):
-        try:
-            _dit_train_case(args, peak, spec)
-        except jax.errors.JaxRuntimeError as e:  # one case out of memory: say so, go on
-            if "RESOURCE_EXHAUSTED" not in str(e):
-                raise
-            print(f"  {spec}: out of memory", flush=True)
-            RESULTS.append(dict(case=f"dit_train {spec}", error="out of memory"))
+        _guarded(f"dit_train {spec}", functools.partial(_dit_train_case, args, peak, spec))
 
 
 def _dit_train_case(args, peak, spec):
@@ -504,7 +522,8 @@ def bench_dit_sample(args, peak):
         args.sample_preset, args.sample_dtype, args.sample_layers, args.sample_precision
     )
     for b in [int(v) for v in str(args.sample_batch).split(",")]:
-        _sample_case(args, peak, cfg, gdef, params, rest, b)
+        case = functools.partial(_sample_case, args, peak, cfg, gdef, params, rest, b)
+        _guarded(f"dit_sample b{b} {args.sample_precision}", case)
 
 
 def _sample_case(args, peak, cfg, gdef, params, rest, b: int) -> None:
@@ -650,6 +669,8 @@ def main():
     # its backend: for every case of this process.
     fields = [args.sample_precision] + [c.split(",")[5] for c in args.dit_train.split(";")
                                         if c.count(",") >= 5]  # fmt: skip
+    for field in fields:  # a typo stops the command here, not after the cases before it ran
+        _precision_field(field)
     fp8_cases = any(f.split("+")[0] == "fp8" for f in fields)
     os.environ["XLA_FLAGS"] = fp8.xla_flags(
         os.environ.get("XLA_FLAGS", ""), "fp8" if fp8_cases else "default"
