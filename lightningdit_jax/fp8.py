@@ -234,13 +234,18 @@ def _product_fwd(x, w):
     return _scaled_dot(xq, sx, wq, sw, x.dtype), (xq, sx, wq, sw, _like(x, w))
 
 
-def _product_bwd(res, g):
-    xq, sx, wq, sw, (x_like, w_like) = res
-    sg = scale_of(g, E5M2)
+def _grads(xq, sx, wq, sw, g, sg, x_like, w_like):
+    """(dx, dw) of the product from the forward's float8 operands and the output gradient `g`
+    quantised to float8_e5m2 with scale `sg`; dw written [in, out]."""
     gq = quantize(g, sg, E5M2)
     dx = _scaled_dot(gq, sg, wq, sw, x_like.dtype, _DX_DIMS)
     dw = _scaled_dot(xq, sx, gq, sg, x_like.dtype, _DW_DIMS)
     return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+
+
+def _product_bwd(res, g):
+    xq, sx, wq, sw, (x_like, w_like) = res
+    return _grads(xq, sx, wq, sw, g, scale_of(g, E5M2), x_like, w_like)
 
 
 _product.defvjp(_product_fwd, _product_bwd)
@@ -263,12 +268,10 @@ def _product_delayed_fwd(x, w, history):
 
 def _product_delayed_bwd(res, g):
     xq, wq, s, history, (ax, aw), (x_like, w_like) = res
-    gq = quantize(g, s[2], E5M2)
-    dx = _scaled_dot(gq, s[2], wq, s[1], x_like.dtype, _DX_DIMS)
-    dw = _scaled_dot(xq, s[0], gq, s[2], x_like.dtype, _DW_DIMS)
+    dx, dw = _grads(xq, s[0], wq, s[1], g, s[2], x_like, w_like)
     newest = jnp.stack([ax, aw, amax_of(g)])
     new_history = jnp.concatenate([newest[:, None], history[:, :-1]], axis=1)
-    return dx.astype(x_like.dtype), dw.astype(w_like.dtype), new_history
+    return dx, dw, new_history
 
 
 _product_delayed.defvjp(_product_delayed_fwd, _product_delayed_bwd)

@@ -165,7 +165,7 @@ def build_step(config, mesh, mcfg: model_lib.LightningDiTConfig) -> TrainStep:
             ema=jax.tree.map(jnp.copy, params),  # reference: update_ema(ema, model, decay=0)
             step=jnp.zeros((), jnp.int32),
         )
-        if mcfg.fp8_spec is not None and mcfg.fp8_spec.history:  # delayed scaling's state
+        if jax.tree.leaves(fp8_state):  # delayed scaling's amax histories
             state["fp8"] = fp8_state
         return state
 
@@ -319,11 +319,11 @@ def run(
             f"(launch/extract_latents.py --max_records) or use a preset with more classes"
         )
     log.info("model %s: compute dtype %s, %s", config.model.preset, mcfg.dtype, _matmuls(mcfg))
-    if config.model.get("fp8_scaling", "current") != "current" and not mcfg.fp8:
+    if mcfg.fp8_scaling != "current" and not mcfg.fp8:
         log.warning(
             "model.fp8_scaling=%r does nothing with model.precision=%r: the matmuls run in %s "
             "and no amax histories are kept",
-            config.model.fp8_scaling,
+            mcfg.fp8_scaling,
             mcfg.precision,
             mcfg.dtype,
         )
@@ -431,12 +431,9 @@ def load_ema_model(
         # with delayed FP8 scaling takes the run's amax histories where it kept some, else new
         # ones (a run trained in bf16 or with current scaling): sampling scales its inputs
         # from themselves either way (fp8.quantize_weights).
-        part = {k: abstract[k] for k in ("ema", "rest")}
-        saved = ckpt.state_entries(meta["step"])
-        if "fp8" in abstract and "fp8" in saved:
-            part["fp8"] = abstract["fp8"]
-        state = ckpt.restore_part(meta["step"], part)
-        if "fp8" in abstract and "fp8" not in saved:
+        part = {k: abstract[k] for k in ("ema", "rest", "fp8") if k in abstract}
+        state = ckpt.restore_part(meta["step"], part, optional=("fp8",))
+        if "fp8" in abstract and "fp8" not in state:
             state["fp8"] = jax.tree.map(  # empty histories: not in the checkpoint
                 lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding), abstract["fp8"]
             )

@@ -118,7 +118,8 @@ def test_checkpoint_modules_import_one_way():
 def test_restore_part_reads_only_the_named_entries(tmp_path):
     """`Checkpointer.restore_part`: the named top-level entries of the saved state, restored
     into the given shapes (sampling reads the EMA weights, not Adam's moments); an entry the
-    checkpoint lacks is a KeyError that names it and what the checkpoint has."""
+    checkpoint lacks is a KeyError that names it and what the checkpoint has, or left out when
+    it is optional."""
     state = {"ema": {"w": jnp.arange(4.0)}, "opt": {"mu": jnp.ones(3)}, "step": jnp.int32(7)}
     ckpt = ckpt_lib.Checkpointer(tmp_path / "ckpt", async_save=False)
     try:
@@ -129,5 +130,8 @@ def test_restore_part_reads_only_the_named_entries(tmp_path):
         np.testing.assert_array_equal(part["ema"]["w"], np.arange(4.0))
         with pytest.raises(KeyError, match=r"no state entries \['fp8'\].*'ema', 'opt', 'step'"):
             ckpt.restore_part(7, {"fp8": ckpt_lib.abstract_like(state["ema"])})
+        # An optional entry the checkpoint lacks is left out; the others are still read.
+        both = {k: ckpt_lib.abstract_like(state["ema"]) for k in ("ema", "fp8")}
+        assert set(ckpt.restore_part(7, both, optional=("fp8",))) == {"ema"}
     finally:
         ckpt.close()

@@ -92,12 +92,15 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return {k: restored[k] for k in items}
 
-    def restore_part(self, step: int, abstract_part: dict[str, Any]) -> dict[str, Any]:
+    def restore_part(
+        self, step: int, abstract_part: dict[str, Any], *, optional: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
         """The top-level entries of the `state` item that `abstract_part` names, restored into
         its shapes and shardings; the other entries are not read (sampling reads the EMA
-        weights, not the parameters and the optimizer's moments). Raises KeyError naming an
-        entry the checkpoint lacks."""
+        weights, not the parameters and the optimizer's moments). An entry the checkpoint
+        lacks is left out of the result when it is in `optional`, else a KeyError names it."""
         saved = self.state_entries(step)
+        abstract_part = {k: v for k, v in abstract_part.items() if k in saved or k not in optional}
         missing = sorted(set(abstract_part) - saved)
         if missing:
             raise KeyError(
