@@ -12,6 +12,7 @@ on the same device in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -317,87 +318,86 @@ def bench_vae_train(args, peak):
         if unknown:
             raise SystemExit(f"--vae_variants: {unknown} not in {list(VAE_VARIANTS)}")
 
-        def vae_case(  # called in this iteration; the defaults bind its values (lint B023)
-            b, variant, state=state, frozen=frozen, hp=hp, gdef=gdef, ddef=ddef, lp=lp,
-            teacher=teacher, tx=tx, cfg=cfg, shard_batch=shard_batch, in_mesh=in_mesh,
-            dtype=dtype, n=n,
-        ):  # fmt: skip
-            group_norm, options, donated, flat, _ = VAE_VARIANTS[variant]
-            model_lib.GROUP_NORM_BACKWARD = group_norm  # read when the step below is traced
-            step = in_mesh(make_train_step(gdef, ddef, lp, teacher, tx, tx, cfg))  # a new trace
-            x = jax.random.uniform(jax.random.key(0), (b, 256, 256, 3), jnp.float32, -1, 1)
-            x = shard_batch(x)
-            if flat:  # lists of arrays in and out; the structure only inside the trace
-                leaves, treedef = jax.tree.flatten((state, frozen))
-                n_state = len(jax.tree.leaves(state))
-
-                def flat_step(state_leaves, frozen_leaves, *call, step=step, treedef=treedef):
-                    s, fr = jax.tree.unflatten(treedef, [*state_leaves, *frozen_leaves])
-                    new_state, metrics = step(s, fr, *call)
-                    return jax.tree.leaves(new_state), metrics
-
-                fn = jax.jit(flat_step, donate_argnums=(0,) if donated else ())
-                state, frozen = leaves[:n_state], leaves[n_state:]
-            else:
-                fn = jax.jit(step, donate_argnums=(0,) if donated else ())
-            args_ = (state, frozen, {"image": x}, jax.random.key(1), *hp)
-            t = time.perf_counter()
-            compiled = fn.lower(*args_).compile(compiler_options=options or None)
-            compile_s = time.perf_counter() - t
-            times, dispatch = [], []
-            st = jax.tree.map(jnp.copy, state)
-            for i in range(3 + args.iters // 2):
-                t = time.perf_counter()
-                st, m = compiled(st, frozen, {"image": x}, jax.random.key(i), *hp)
-                t_back = time.perf_counter()  # the call returns once its work is enqueued
-                jax.block_until_ready(m)
-                if i >= 3:
-                    times.append(time.perf_counter() - t)
-                    dispatch.append(t_back - t)
-            # As the trainer runs (runtime.loop): each step dispatched before waiting on the one
-            # before it, so host work of one call can overlap the device's work on the last.
-            n_ahead = max(2, args.iters // 2)
-            t = time.perf_counter()
-            previous = None
-            for i in range(n_ahead):
-                st, m = compiled(st, frozen, {"image": x}, jax.random.key(i), *hp)
-                if previous is not None:
-                    jax.block_until_ready(previous)
-                previous = m
-            jax.block_until_ready(previous)
-            ahead_ms = (time.perf_counter() - t) / n_ahead * 1e3
-            r = dict(
-                compile_s=compile_s, median_s=statistics.median(times), min_s=min(times), flops=None
-            )
-            name = f"vae_train_{dtype}" + (f"_x{n}dev" if n > 1 else "")
-            name += "" if variant == "default" else f"_{variant}"
-            extra = dict(
-                dispatch_ms=statistics.median(dispatch) * 1e3,
-                one_ahead_ms=ahead_ms,
-                arguments=len(jax.tree.leaves(args_)),
-            )
-            record(name, b, r, peak, loss=float(m["train/total_loss"]), num_devices=n, **extra)
-            holder = {"st": st}
-            call_args = (frozen, {"image": x}, jax.random.key(0), *hp)
-
-            def again(holder=holder, call_args=call_args, compiled=compiled):
-                holder["st"], metrics = compiled(holder["st"], *call_args)
-                return metrics
-
-            maybe_profile(args, name, again)
-            st = holder.pop("st")
-            del st
-
         for b, variant in cases:
-            _guarded(f"vae_train b{b} {variant}", functools.partial(vae_case, b, variant))
+            with _guarded(f"vae_train b{b} {variant}"):
+                group_norm, options, donated, flat, _ = VAE_VARIANTS[variant]
+                model_lib.GROUP_NORM_BACKWARD = group_norm  # read when the step below is traced
+                step = in_mesh(make_train_step(gdef, ddef, lp, teacher, tx, tx, cfg))  # a new trace
+                x = jax.random.uniform(jax.random.key(0), (b, 256, 256, 3), jnp.float32, -1, 1)
+                x = shard_batch(x)
+                if flat:  # lists of arrays in and out; the structure only inside the trace
+                    leaves, treedef = jax.tree.flatten((state, frozen))
+                    n_state = len(jax.tree.leaves(state))
+
+                    def flat_step(state_leaves, frozen_leaves, *call, step=step, treedef=treedef):
+                        s, fr = jax.tree.unflatten(treedef, [*state_leaves, *frozen_leaves])
+                        new_state, metrics = step(s, fr, *call)
+                        return jax.tree.leaves(new_state), metrics
+
+                    fn = jax.jit(flat_step, donate_argnums=(0,) if donated else ())
+                    state0, frozen0 = leaves[:n_state], leaves[n_state:]
+                else:
+                    fn = jax.jit(step, donate_argnums=(0,) if donated else ())
+                    state0, frozen0 = state, frozen  # the next variants start from these again
+                args_ = (state0, frozen0, {"image": x}, jax.random.key(1), *hp)
+                t = time.perf_counter()
+                compiled = fn.lower(*args_).compile(compiler_options=options or None)
+                compile_s = time.perf_counter() - t
+                times, dispatch = [], []
+                st = jax.tree.map(jnp.copy, state0)
+                for i in range(3 + args.iters // 2):
+                    t = time.perf_counter()
+                    st, m = compiled(st, frozen0, {"image": x}, jax.random.key(i), *hp)
+                    t_back = time.perf_counter()  # the call returns once its work is enqueued
+                    jax.block_until_ready(m)
+                    if i >= 3:
+                        times.append(time.perf_counter() - t)
+                        dispatch.append(t_back - t)
+                # As the trainer runs (runtime.loop): each step dispatched before waiting on the one
+                # before it, so host work of one call can overlap the device's work on the last.
+                n_ahead = max(2, args.iters // 2)
+                t = time.perf_counter()
+                previous = None
+                for i in range(n_ahead):
+                    st, m = compiled(st, frozen0, {"image": x}, jax.random.key(i), *hp)
+                    if previous is not None:
+                        jax.block_until_ready(previous)
+                    previous = m
+                jax.block_until_ready(previous)
+                ahead_ms = (time.perf_counter() - t) / n_ahead * 1e3
+                r = dict(
+                    compile_s=compile_s,
+                    median_s=statistics.median(times),
+                    min_s=min(times),
+                    flops=None,
+                )
+                name = f"vae_train_{dtype}" + (f"_x{n}dev" if n > 1 else "")
+                name += "" if variant == "default" else f"_{variant}"
+                extra = dict(
+                    dispatch_ms=statistics.median(dispatch) * 1e3,
+                    one_ahead_ms=ahead_ms,
+                    arguments=len(jax.tree.leaves(args_)),
+                )
+                record(name, b, r, peak, loss=float(m["train/total_loss"]), num_devices=n, **extra)
+                holder = {"st": st}
+                call_args = (frozen0, {"image": x}, jax.random.key(0), *hp)
+
+                def again(holder=holder, call_args=call_args, compiled=compiled):
+                    holder["st"], metrics = compiled(holder["st"], *call_args)
+                    return metrics
+
+                maybe_profile(args, name, again)
+                st = holder.pop("st")
+                del st
 
 
-def _guarded(label: str, case: Callable[[], None]) -> None:
-    """Runs one case; an error (out of memory, a compile error of one variant, an XLA option
+@contextlib.contextmanager
+def _guarded(label: str):
+    """Runs one case: an error (out of memory, a compile error of one variant, an XLA option
     this build lacks) is printed and recorded, and the next case runs: one failing case does
     not cost a GPU session the rest of its command."""
     try:
-        case()
+        yield
     except Exception as e:  # noqa: BLE001 (recorded, not hidden)
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         kind = "out of memory" if "RESOURCE_EXHAUSTED" in str(e) else type(e).__name__
@@ -469,7 +469,8 @@ def bench_dit_train(args, peak):
     """LightningDiT train step: rectified-flow loss (lognorm t, cosine), AdamW, EMA 0.9999."""
 
     for spec in args.dit_train.split(";"):
-        _guarded(f"dit_train {spec}", functools.partial(_dit_train_case, args, peak, spec))
+        with _guarded(f"dit_train {spec}"):
+            _dit_train_case(args, peak, spec)
 
 
 def _dit_train_case(args, peak, spec):
@@ -557,8 +558,8 @@ def bench_dit_sample(args, peak):
         args.sample_preset, args.sample_dtype, args.sample_layers, args.sample_precision
     )
     for b in [int(v) for v in str(args.sample_batch).split(",")]:
-        case = functools.partial(_sample_case, args, peak, cfg, gdef, params, rest, b)
-        _guarded(f"dit_sample b{b} {args.sample_precision}", case)
+        with _guarded(f"dit_sample b{b} {args.sample_precision}"):
+            _sample_case(args, peak, cfg, gdef, params, rest, b)
 
 
 def _sample_case(args, peak, cfg, gdef, params, rest, b: int) -> None:
@@ -704,9 +705,8 @@ def main():
     # its backend: for every case of this process.
     fields = [args.sample_precision] + [c.split(",")[5] for c in args.dit_train.split(";")
                                         if c.count(",") >= 5]  # fmt: skip
-    for field in fields:  # a typo stops the command here, not after the cases before it ran
-        _precision_field(field)
-    fp8_cases = any(f.split("+")[0] == "fp8" for f in fields)
+    # A typo stops the command here, not after the cases before it ran.
+    fp8_cases = any(_precision_field(f)[0] == "fp8" for f in fields)
     os.environ["XLA_FLAGS"] = fp8.xla_flags(
         os.environ.get("XLA_FLAGS", ""), "fp8" if fp8_cases else "default"
     )
